@@ -1,0 +1,86 @@
+# chatroom: build, run, test.
+#
+#   make              builds ./chatroom
+#   make run          builds it and runs it on port 5000, every interface
+#   make test         builds, then runs every test against ./chatroom and again against
+#                     an ASan+UBSan build; fails if any test fails
+#   sudo make deps    installs what building needs (Debian, Ubuntu)
+#   sudo make test-deps   installs what the tests need as well
+#
+# civetweb is compiled into chatroom.c's translation unit from its source, fetched at
+# build time from Debian's package registry (apt-get source) into build/, or taken from
+# CIVETWEB_SRC=/path/to/civetweb. jansson comes from libjansson-dev, linked statically.
+
+CC           ?= gcc
+ifeq ($(origin CC),default)
+CC           := gcc
+endif
+CFLAGS       ?= -O2 -g
+BUILD        := build
+CIVETWEB_SRC ?= $(BUILD)/civetweb
+CIVETWEB_C   := $(CIVETWEB_SRC)/src/civetweb.c
+
+# civetweb: HTTP only (no TLS, CGI or files), IPv6, 256 KiB worker stacks.
+CIVETWEB_DEFS := -DNO_SSL -DNO_CGI -DNO_FILES -DUSE_IPV6 -DUSE_STACK_SIZE=262144
+WARNINGS      := -std=c11 -Wall -Wextra -Werror
+EMBED         := -DCHATROOM_CIVETWEB_C='"$(CIVETWEB_C)"' -I$(CIVETWEB_SRC)/include \
+                 $(CIVETWEB_DEFS) -Wa,-I$(CURDIR)
+JANSSON_STATIC := -Wl,-Bstatic -ljansson -Wl,-Bdynamic
+SANITIZE      := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+                 -fno-omit-frame-pointer
+
+SOURCES := chatroom.c name.txt
+
+.PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean
+
+all: chatroom
+
+chatroom: $(SOURCES) $(CIVETWEB_C) | check-deps
+	$(CC) $(WARNINGS) $(CFLAGS) $(EMBED) -pthread -o $@ chatroom.c $(JANSSON_STATIC)
+
+$(BUILD)/chatroom-asan: $(SOURCES) $(CIVETWEB_C) | check-deps
+	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ chatroom.c -ljansson
+
+$(BUILD)/unit: test/unit.c $(SOURCES) $(CIVETWEB_C) | check-deps
+	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/unit.c -ljansson
+
+$(CIVETWEB_C):
+	@.ci/fetch-source civetweb $(CIVETWEB_SRC)
+
+check-deps:
+	@command -v $(CC) >/dev/null || { echo "chatroom: no C compiler ($(CC)). Fix: sudo apt-get install gcc make"; exit 1; }
+	@echo '#include <jansson.h>' | $(CC) -E -x c - >/dev/null 2>&1 || { echo "chatroom: jansson's headers are missing. Fix: sudo apt-get install libjansson-dev"; exit 1; }
+
+run: chatroom
+	./chatroom
+
+# ---- tests ----------------------------------------------------------------------------
+# Every suite runs against the binary named by CHATROOM; `make test` runs them all twice.
+
+PYTHON := /usr/bin/python3
+
+test: chatroom $(BUILD)/chatroom-asan $(BUILD)/unit
+	@.ci/check-test-deps
+	$(BUILD)/unit
+	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/chatroom
+	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/$(BUILD)/chatroom-asan
+	@echo "all tests passed"
+
+test-python:
+	CHATROOM=$(CHATROOM) $(PYTHON) -m pytest -q -p no:cacheprovider test/
+
+test-node: test/node_modules
+	CHATROOM=$(CHATROOM) node --test test/node/
+
+test/node_modules: test/package.json test/package-lock.json
+	cd test && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+deps:
+	.ci/install-deps build
+
+test-deps:
+	.ci/install-deps test
+
+clean:
+	rm -rf chatroom $(BUILD)/chatroom-asan $(BUILD)/unit test/__pycache__

@@ -1,0 +1,3995 @@
+/*
+ * chatroom -- a Socket.IO chat room in one C file.
+ *
+ * Any standard Socket.IO client joins it: python-socketio, socket.io-client 2, 3 and 4 in
+ * Node or a browser, over HTTP long-polling, WebSocket, or polling upgraded to WebSocket.
+ * Everyone in the room sees every message, login and logout, in one and the same order.
+ * The chat contract it keeps is written out in the README.
+ *
+ * The file reads top-down:
+ *
+ *   configuration      compile-time limits, flags
+ *   small tools        logging, time, randomness, base64, SHA-1, UTF-8, a string map
+ *   JSON               a validating scanner with a depth limit; jansson for the rest
+ *   names              the nickname list and who holds which name
+ *   shared buffers     one serialized packet, referenced by every queue it is sent to
+ *   sessions           one Engine.IO session per client, its bounded outbound queue
+ *   Engine.IO packets  payload encodings of protocol 3 and 4
+ *   Engine.IO          handshake, heartbeat, what a session does with a packet
+ *   long-polling       GET and POST, run on civetweb's worker threads
+ *   WebSocket          frames, and the wire thread that owns every WebSocket
+ *   Socket.IO          packets, namespaces, acknowledgements, binary attachments
+ *   the chat room      login, logout, msg
+ *   HTTP routes        what civetweb hands us
+ *   main               start-up, signals, shutdown
+ *
+ * Threads. civetweb (https://github.com/civetweb/civetweb) runs one worker thread per
+ * connection. Long-poll requests run there and may block, each on its own client only.
+ * A WebSocket, once its handshake is done, leaves civetweb: the socket goes to the wire
+ * thread, one epoll loop that reads frames and writes queued frames without ever blocking.
+ * So a client that stops reading cannot stall anyone: its queue grows to a bound and then
+ * it is dropped. The main thread waits for signals and prints the log.
+ *
+ * Locking. One mutex of ours, room_lock, guards every session, every outbound queue and
+ * the room. Nothing writes to a client while holding it: sending means appending a
+ * reference to a shared buffer to a queue, and waking the queue's writer. civetweb's own
+ * per-connection lock is taken only inside mg_* calls, which we never make while holding
+ * room_lock. That is the whole lock order.
+ */
+#define _GNU_SOURCE
+
+#if defined(CHATROOM_CIVETWEB_C)
+/* `make` compiles civetweb into this translation unit, from the source it fetched from the
+ * package registry. That shows us civetweb's connection struct, so that a WebSocket can
+ * leave civetweb's worker thread (see take_socket). */
+#include CHATROOM_CIVETWEB_C
+#define CIVETWEB_EMBEDDED 1
+/* civetweb poisons these names for its own code; ours may use them. */
+#undef malloc
+#undef calloc
+#undef realloc
+#undef free
+#undef snprintf
+#undef vsnprintf
+#undef mg_cry
+#else
+/* cc chatroom.c -lcivetweb: Debian's shared library, whose connection struct is opaque. */
+#include <civetweb.h>
+#define CIVETWEB_EMBEDDED 0
+#endif
+
+#include <jansson.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <ifaddrs.h>
+#include <limits.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ================================ configuration ================================ */
+/*
+ * Capacity is fixed at compile time: every per-client table below is a static array of
+ * these sizes, so the server never allocates its way into trouble as clients arrive.
+ * --max-clients chooses a room size up to MAX_CLIENTS. There are a few more session slots
+ * than room places, so that a client who arrives at a full room can be told so in words
+ * (a Socket.IO CONNECT_ERROR "room is full") rather than with a bare HTTP 503.
+ */
+#define CHATROOM_VERSION "1.0.0"
+
+#ifndef CHATROOM_MAX_CLIENTS
+#define CHATROOM_MAX_CLIENTS 10000
+#endif
+
+enum {
+	MAX_CLIENTS = CHATROOM_MAX_CLIENTS,
+	SESSION_SLACK = 16 + CHATROOM_MAX_CLIENTS / 8,
+	MAX_SESSIONS = MAX_CLIENTS + SESSION_SLACK,
+	MAX_WEBSOCKETS = MAX_SESSIONS + 64, /* upgrade probes, and sockets lingering in close */
+	MAX_NAMESPACES = 2,                 /* the chat needs "/"; the protocol test server two */
+	SID_LEN = 20,                       /* like Node's: 15 random bytes in base64url */
+	NSP_MAX = 128,                      /* longest namespace name we accept */
+	JSON_MAX_DEPTH = 64,                /* deeper JSON is refused before anyone parses it */
+	MAX_ATTACHMENTS = 64,               /* binary attachments per Socket.IO packet */
+	CONNECT_TIMEOUT_MS = 45000,         /* a session must join a namespace within this */
+	UPGRADE_TIMEOUT_MS = 10000,         /* a WebSocket probe must finish its upgrade within */
+	CLOSE_LINGER_MS = 1000,             /* how long a closing WebSocket waits for its peer */
+	QUEUE_ENTRY_COST = 32,              /* bytes a queued packet costs beyond its data */
+};
+
+/* The flags. Defaults are Node's socket.io defaults where Node has one. */
+static struct options {
+	const char *host; /* NULL: every interface, IPv4 and IPv6 */
+	int port;
+	const char *names_file; /* NULL: the list compiled into the binary */
+	int ping_interval;      /* ms */
+	int ping_timeout;       /* ms */
+	long max_payload;       /* bytes: a POST body, a WebSocket message */
+	int max_clients;        /* room size */
+	long queue_limit;       /* bytes: outbound queue of one client; over it, it is dropped */
+	int threads;            /* civetweb workers; 0: enough for every client to long-poll */
+	bool quiet;             /* no join/leave log */
+} opt = {
+	.host = NULL,
+	.port = 5000,
+	.names_file = NULL,
+	.ping_interval = 25000,
+	.ping_timeout = 20000,
+	.max_payload = 1000000,
+	.max_clients = 1000,
+	.queue_limit = 0, /* 0: chosen from max_payload in parse_options */
+	.threads = 0,
+	.quiet = false,
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+	        "Usage: chatroom [options]\n"
+	        "A Socket.IO chat room. Open http://HOST:PORT/ or connect any Socket.IO client.\n"
+	        "\n"
+	        "  -p, --port PORT          port to listen on (default 5000)\n"
+	        "  -H, --host ADDRESS       address to listen on (default: every interface,\n"
+	        "                           IPv4 and IPv6)\n"
+	        "  -n, --names FILE         nickname list, one UTF-8 name a line (default:\n"
+	        "                           the list built into the binary)\n"
+	        "      --ping-interval MS   Engine.IO ping interval (default 25000)\n"
+	        "      --ping-timeout MS    Engine.IO ping timeout (default 20000)\n"
+	        "      --max-payload BYTES  largest message or POST body (default 1000000)\n"
+	        "      --max-clients N      room size, at most %d (default 1000)\n"
+	        "      --queue-limit BYTES  outbound backlog after which a client that does\n"
+	        "                           not read is dropped (default: 2 x max-payload,\n"
+	        "                           at least 1 MiB)\n"
+	        "      --threads N          HTTP worker threads (default: max-clients plus\n"
+	        "                           a margin, so that every client can long-poll)\n"
+	        "  -q, --quiet              do not log joins and leaves\n"
+	        "  -h, --help               show this help and exit\n"
+	        "  -V, --version            show the version and exit\n"
+	        "\n"
+	        "Exit status: 0 after SIGINT or SIGTERM, 1 if the server cannot start,\n"
+	        "2 for a bad command line.\n",
+	        MAX_CLIENTS);
+}
+
+/* Reads a whole decimal number in [lo, hi] or exits 2 saying which flag was wrong. */
+static long parse_number(const char *flag, const char *arg, long lo, long hi)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(arg, &end, 10);
+	if (errno || end == arg || *end || v < lo || v > hi) {
+		fprintf(stderr, "chatroom: %s wants a whole number from %ld to %ld, not '%s'\n",
+		        flag, lo, hi, arg);
+		fprintf(stderr, "Try 'chatroom --help'.\n");
+		exit(2);
+	}
+	return v;
+}
+
+static void parse_options(int argc, char **argv)
+{
+	enum { O_PING_INTERVAL = 256, O_PING_TIMEOUT, O_MAX_PAYLOAD, O_MAX_CLIENTS,
+	       O_QUEUE_LIMIT, O_THREADS };
+	static const struct option longopts[] = {
+		{"port", required_argument, NULL, 'p'},
+		{"host", required_argument, NULL, 'H'},
+		{"names", required_argument, NULL, 'n'},
+		{"ping-interval", required_argument, NULL, O_PING_INTERVAL},
+		{"ping-timeout", required_argument, NULL, O_PING_TIMEOUT},
+		{"max-payload", required_argument, NULL, O_MAX_PAYLOAD},
+		{"max-clients", required_argument, NULL, O_MAX_CLIENTS},
+		{"queue-limit", required_argument, NULL, O_QUEUE_LIMIT},
+		{"threads", required_argument, NULL, O_THREADS},
+		{"quiet", no_argument, NULL, 'q'},
+		{"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, 'V'},
+		{NULL, 0, NULL, 0},
+	};
+	int c;
+	while ((c = getopt_long(argc, argv, "p:H:n:qhV", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'p': opt.port = (int)parse_number("--port", optarg, 1, 65535); break;
+		case 'H': opt.host = optarg; break;
+		case 'n': opt.names_file = optarg; break;
+		case O_PING_INTERVAL:
+			opt.ping_interval = (int)parse_number("--ping-interval", optarg, 10, 3600000);
+			break;
+		case O_PING_TIMEOUT:
+			opt.ping_timeout = (int)parse_number("--ping-timeout", optarg, 10, 3600000);
+			break;
+		case O_MAX_PAYLOAD:
+			opt.max_payload = parse_number("--max-payload", optarg, 64, 100000000);
+			break;
+		case O_MAX_CLIENTS:
+			opt.max_clients = (int)parse_number("--max-clients", optarg, 1, MAX_CLIENTS);
+			break;
+		case O_QUEUE_LIMIT:
+			opt.queue_limit = parse_number("--queue-limit", optarg, 1024, 1L << 30);
+			break;
+		case O_THREADS:
+			opt.threads = (int)parse_number("--threads", optarg, 4, 65536);
+			break;
+		case 'q': opt.quiet = true; break;
+		case 'h': usage(stdout); exit(0);
+		case 'V': printf("chatroom %s\n", CHATROOM_VERSION); exit(0);
+		default: usage(stderr); exit(2);
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "chatroom: unexpected argument '%s'\n", argv[optind]);
+		usage(stderr);
+		exit(2);
+	}
+	if (opt.queue_limit == 0) {
+		opt.queue_limit = 2 * opt.max_payload;
+		if (opt.queue_limit < (1L << 20))
+			opt.queue_limit = 1L << 20;
+	}
+	if (opt.queue_limit < opt.max_payload + 4 * QUEUE_ENTRY_COST) {
+		fprintf(stderr, "chatroom: --queue-limit must hold at least one message of "
+		                "--max-payload bytes (%ld)\n", opt.max_payload);
+		exit(2);
+	}
+}
+
+/* ================================= small tools ================================= */
+
+static void *xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+	if (!p) {
+		fprintf(stderr, "chatroom: out of memory\n");
+		abort();
+	}
+	return p;
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+	p = realloc(p, n ? n : 1);
+	if (!p) {
+		fprintf(stderr, "chatroom: out of memory\n");
+		abort();
+	}
+	return p;
+}
+
+static char *xstrndup(const char *s, size_t n)
+{
+	char *d = xmalloc(n + 1);
+	memcpy(d, s, n);
+	d[n] = 0;
+	return d;
+}
+
+/* Milliseconds on the monotonic clock: timers never jump with the wall clock. */
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* A growable byte buffer, for building payloads and messages. */
+struct buf {
+	char *p;
+	size_t len, cap;
+};
+
+static void buf_reserve(struct buf *b, size_t more)
+{
+	if (b->len + more <= b->cap)
+		return;
+	size_t cap = b->cap ? b->cap : 256;
+	while (cap < b->len + more)
+		cap *= 2;
+	b->p = xrealloc(b->p, cap);
+	b->cap = cap;
+}
+
+static void buf_add(struct buf *b, const void *p, size_t n)
+{
+	buf_reserve(b, n);
+	memcpy(b->p + b->len, p, n);
+	b->len += n;
+}
+
+static void buf_adds(struct buf *b, const char *s) { buf_add(b, s, strlen(s)); }
+static void buf_addc(struct buf *b, char c) { buf_add(b, &c, 1); }
+
+static void buf_printf(struct buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	buf_reserve(b, (size_t)n + 1);
+	va_start(ap, fmt);
+	vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	b->len += (size_t)n;
+}
+
+static void buf_free(struct buf *b)
+{
+	free(b->p);
+	b->p = NULL;
+	b->len = b->cap = 0;
+}
+
+/*
+ * The log. Joins and leaves happen under room_lock, and printing there could block the
+ * whole room on a terminal or pipe that is not read. So lines go into a bounded buffer and
+ * the main thread prints them; if nobody reads our output, lines are dropped and counted.
+ */
+static struct {
+	pthread_mutex_t lock;
+	struct buf text;
+	long dropped;
+	int wake_fd; /* eventfd the main thread polls */
+} logq = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake_fd = -1};
+
+enum { LOG_BUFFER_MAX = 1 << 20 };
+
+static void log_line(const char *fmt, ...)
+{
+	char line[512];
+	time_t t = time(NULL);
+	struct tm tm;
+	localtime_r(&t, &tm);
+	size_t n = strftime(line, sizeof line, "%Y-%m-%d %H:%M:%S ", &tm);
+	va_list ap;
+	va_start(ap, fmt);
+	int m = vsnprintf(line + n, sizeof line - n - 1, fmt, ap);
+	va_end(ap);
+	n = m < 0 ? n : (n + (size_t)m < sizeof line - 1 ? n + (size_t)m : sizeof line - 2);
+	line[n++] = '\n';
+
+	pthread_mutex_lock(&logq.lock);
+	if (logq.text.len + n > LOG_BUFFER_MAX)
+		logq.dropped++;
+	else
+		buf_add(&logq.text, line, n);
+	pthread_mutex_unlock(&logq.lock);
+	if (logq.wake_fd >= 0) {
+		uint64_t one = 1;
+		ssize_t w = write(logq.wake_fd, &one, sizeof one);
+		(void)w;
+	}
+}
+
+/* Called by the main thread: prints what the other threads logged. */
+static void log_flush(void)
+{
+	pthread_mutex_lock(&logq.lock);
+	struct buf text = logq.text;
+	long dropped = logq.dropped;
+	logq.text = (struct buf){0};
+	logq.dropped = 0;
+	pthread_mutex_unlock(&logq.lock);
+	if (text.len)
+		fwrite(text.p, 1, text.len, stdout);
+	if (dropped)
+		printf("(%ld log lines dropped: output was not being read)\n", dropped);
+	fflush(stdout);
+	buf_free(&text);
+}
+
+/* Randomness: session ids come from the kernel; nickname choice from a seeded xorshift. */
+static void random_bytes(void *p, size_t n)
+{
+	unsigned char *c = p;
+	while (n) {
+		ssize_t r = getrandom(c, n, 0);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			fprintf(stderr, "chatroom: getrandom: %s\n", strerror(errno));
+			abort();
+		}
+		c += r;
+		n -= (size_t)r;
+	}
+}
+
+static uint64_t rng_state;
+
+static uint64_t rng_next(void) /* xorshift64*, called under room_lock */
+{
+	uint64_t x = rng_state;
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	rng_state = x;
+	return x * 0x2545F4914F6CDD1DULL;
+}
+
+static uint32_t rng_below(uint32_t n) { return (uint32_t)((rng_next() >> 32) % n); }
+
+/* Base64, standard alphabet with padding, as Engine.IO uses for binary over polling. */
+static const char b64_alphabet[] =
+	"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static void base64_encode(struct buf *out, const unsigned char *p, size_t n)
+{
+	buf_reserve(out, (n + 2) / 3 * 4);
+	char *o = out->p + out->len;
+	size_t i = 0;
+	for (; i + 2 < n; i += 3) {
+		uint32_t v = (uint32_t)p[i] << 16 | (uint32_t)p[i + 1] << 8 | p[i + 2];
+		*o++ = b64_alphabet[v >> 18];
+		*o++ = b64_alphabet[(v >> 12) & 63];
+		*o++ = b64_alphabet[(v >> 6) & 63];
+		*o++ = b64_alphabet[v & 63];
+	}
+	if (i < n) {
+		uint32_t v = (uint32_t)p[i] << 16 | (i + 1 < n ? (uint32_t)p[i + 1] << 8 : 0);
+		*o++ = b64_alphabet[v >> 18];
+		*o++ = b64_alphabet[(v >> 12) & 63];
+		*o++ = i + 1 < n ? b64_alphabet[(v >> 6) & 63] : '=';
+		*o++ = '=';
+	}
+	out->len = (size_t)(o - out->p);
+}
+
+static int base64_value(unsigned char c)
+{
+	if (c >= 'A' && c <= 'Z') return c - 'A';
+	if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+	if (c >= '0' && c <= '9') return c - '0' + 52;
+	if (c == '+' || c == '-') return 62;
+	if (c == '/' || c == '_') return 63;
+	return -1;
+}
+
+/* Decodes base64 (padding optional). Returns false on a character outside the alphabet. */
+static bool base64_decode(struct buf *out, const char *s, size_t n)
+{
+	while (n && s[n - 1] == '=')
+		n--;
+	if (n % 4 == 1)
+		return false;
+	buf_reserve(out, n / 4 * 3 + 3);
+	uint32_t acc = 0;
+	int bits = 0;
+	for (size_t i = 0; i < n; i++) {
+		int v = base64_value((unsigned char)s[i]);
+		if (v < 0)
+			return false;
+		acc = acc << 6 | (uint32_t)v;
+		bits += 6;
+		if (bits >= 8) {
+			bits -= 8;
+			out->p[out->len++] = (char)(acc >> bits);
+		}
+	}
+	return true;
+}
+
+/* SHA-1 (FIPS 180-4), needed only for the WebSocket handshake's Sec-WebSocket-Accept. */
+static uint32_t rol32(uint32_t x, int n) { return x << n | x >> (32 - n); }
+
+static void sha1_block(uint32_t h[5], const unsigned char *p)
+{
+	uint32_t w[80];
+	for (int i = 0; i < 16; i++)
+		w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+		       (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+	for (int i = 16; i < 80; i++)
+		w[i] = rol32(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+	uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+	for (int i = 0; i < 80; i++) {
+		uint32_t f, k;
+		if (i < 20)      f = (b & c) | (~b & d), k = 0x5A827999;
+		else if (i < 40) f = b ^ c ^ d,          k = 0x6ED9EBA1;
+		else if (i < 60) f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDC;
+		else             f = b ^ c ^ d,          k = 0xCA62C1D6;
+		uint32_t t = rol32(a, 5) + f + e + k + w[i];
+		e = d, d = c, c = rol32(b, 30), b = a, a = t;
+	}
+	h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
+}
+
+static void sha1(const void *data, size_t n, unsigned char out[20])
+{
+	uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+	const unsigned char *p = data;
+	size_t left = n;
+	for (; left >= 64; p += 64, left -= 64)
+		sha1_block(h, p);
+	unsigned char last[128] = {0};
+	memcpy(last, p, left);
+	last[left] = 0x80;
+	size_t total = left + 9 <= 64 ? 64 : 128;
+	uint64_t bits = (uint64_t)n * 8;
+	for (int i = 0; i < 8; i++)
+		last[total - 1 - i] = (unsigned char)(bits >> (8 * i));
+	sha1_block(h, last);
+	if (total == 128)
+		sha1_block(h, last + 64);
+	for (int i = 0; i < 20; i++)
+		out[i] = (unsigned char)(h[i / 4] >> (24 - 8 * (i % 4)));
+}
+
+/*
+ * UTF-8. Text must be valid UTF-8 everywhere (RFC 3629: no overlongs, no surrogates, nothing
+ * above U+10FFFF). utf8_next decodes one character, or returns 0 if the bytes are not one.
+ */
+static size_t utf8_next(const unsigned char *p, size_t n, uint32_t *cp)
+{
+	if (n == 0)
+		return 0;
+	unsigned char c = p[0];
+	if (c < 0x80) {
+		*cp = c;
+		return 1;
+	}
+	size_t len;
+	uint32_t v, min;
+	if ((c & 0xE0) == 0xC0)      len = 2, v = c & 0x1F, min = 0x80;
+	else if ((c & 0xF0) == 0xE0) len = 3, v = c & 0x0F, min = 0x800;
+	else if ((c & 0xF8) == 0xF0) len = 4, v = c & 0x07, min = 0x10000;
+	else return 0;
+	if (n < len)
+		return 0;
+	for (size_t i = 1; i < len; i++) {
+		if ((p[i] & 0xC0) != 0x80)
+			return 0;
+		v = v << 6 | (p[i] & 0x3F);
+	}
+	if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF))
+		return 0;
+	*cp = v;
+	return len;
+}
+
+static bool utf8_valid(const char *s, size_t n)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	while (n) {
+		if (*p < 0x80) { /* the common case, one byte at a time without decoding */
+			p++, n--;
+			continue;
+		}
+		uint32_t cp;
+		size_t k = utf8_next(p, n, &cp);
+		if (!k)
+			return false;
+		p += k, n -= k;
+	}
+	return true;
+}
+
+/* Length in UTF-16 code units, as JavaScript counts: Engine.IO 3 frames payloads by it. */
+static size_t utf16_length(const char *s, size_t n)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	size_t units = 0;
+	for (size_t i = 0; i < n; i++) {
+		if ((p[i] & 0xC0) != 0x80)
+			units++;
+		if ((p[i] & 0xF8) == 0xF0)
+			units++; /* four bytes: a character outside the BMP, two units */
+	}
+	return units;
+}
+
+/* Byte length of the first `units` UTF-16 units of valid UTF-8 s, or SIZE_MAX if the units
+ * end inside a character or s is shorter. */
+static size_t utf16_prefix_bytes(const char *s, size_t n, size_t units)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	size_t i = 0;
+	while (units > 0) {
+		if (i >= n)
+			return SIZE_MAX;
+		uint32_t cp;
+		size_t k = utf8_next(p + i, n - i, &cp);
+		if (!k)
+			return SIZE_MAX;
+		size_t u = cp >= 0x10000 ? 2 : 1;
+		if (u > units)
+			return SIZE_MAX;
+		units -= u;
+		i += k;
+	}
+	return i;
+}
+
+/*
+ * A string map: open addressing with linear probing, keys borrowed (they live in the
+ * objects the map points at). Used for sid -> session and nickname -> holder. Deletion
+ * shifts followers back, so there are no tombstones to clean up.
+ */
+struct strmap_slot {
+	const char *key;
+	int value;
+};
+
+struct strmap {
+	struct strmap_slot *slots;
+	size_t cap; /* at least twice the most keys it will hold */
+};
+
+static uint64_t hash_str(const char *s)
+{
+	uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+	for (; *s; s++)
+		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+	return h;
+}
+
+static void strmap_init(struct strmap *m, size_t max_keys)
+{
+	m->cap = 2 * max_keys + 1;
+	m->slots = calloc(m->cap, sizeof *m->slots);
+	if (!m->slots)
+		abort();
+}
+
+static size_t strmap_find_slot(const struct strmap *m, const char *key)
+{
+	size_t i = hash_str(key) % m->cap;
+	while (m->slots[i].key && strcmp(m->slots[i].key, key) != 0)
+		i = (i + 1) % m->cap;
+	return i;
+}
+
+static int strmap_get(const struct strmap *m, const char *key)
+{
+	size_t i = strmap_find_slot(m, key);
+	return m->slots[i].key ? m->slots[i].value : -1;
+}
+
+static void strmap_put(struct strmap *m, const char *key, int value)
+{
+	size_t i = strmap_find_slot(m, key);
+	m->slots[i].key = key;
+	m->slots[i].value = value;
+}
+
+static void strmap_del(struct strmap *m, const char *key)
+{
+	size_t i = strmap_find_slot(m, key);
+	if (!m->slots[i].key)
+		return;
+	size_t j = i;
+	for (;;) {
+		j = (j + 1) % m->cap;
+		if (!m->slots[j].key)
+			break;
+		size_t home = hash_str(m->slots[j].key) % m->cap;
+		/* Move j back into the hole at i unless its home lies cyclically in (i, j]. */
+		bool home_between = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+		if (!home_between) {
+			m->slots[i] = m->slots[j];
+			i = j;
+		}
+	}
+	m->slots[i].key = NULL;
+}
+
+/* ===================================== JSON ===================================== */
+/*
+ * Socket.IO payloads are JSON, and we treat them two ways.
+ *
+ * json_check is our own validating scanner: one pass, no allocation, checking syntax, UTF-8
+ * and depth (at most JSON_MAX_DEPTH), and reporting the shape of the value (for an array,
+ * where its first elements are). A chat message is checked by it and relayed as the very
+ * bytes its sender wrote -- numbers, key order and all -- with only `username` spliced in.
+ *
+ * jansson builds and reads what we need as a tree: handshake replies, logins with their
+ * name_list, CONNECT auth objects. Text reaches jansson only after json_check accepted it,
+ * so jansson's recursive parser never goes deep enough to overflow a worker's stack.
+ */
+struct json_span {
+	const char *p;
+	size_t n;
+};
+
+struct json_shape {
+	char kind;                /* '{' '[' '"' 't' 'f' 'n', or '0' for a number */
+	int count;                /* for an array: its number of elements */
+	struct json_span item[2]; /* for an array: its first two elements, raw */
+};
+
+struct jscan {
+	const unsigned char *p, *end;
+	int depth;
+};
+
+static void js_space(struct jscan *j)
+{
+	while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+		j->p++;
+}
+
+static bool js_take(struct jscan *j, char c)
+{
+	if (j->p < j->end && *j->p == (unsigned char)c) {
+		j->p++;
+		return true;
+	}
+	return false;
+}
+
+static int hex_digit(unsigned char c)
+{
+	if (c >= '0' && c <= '9') return c - '0';
+	if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+	return -1;
+}
+
+static bool js_string(struct jscan *j)
+{
+	if (!js_take(j, '"'))
+		return false;
+	while (j->p < j->end) {
+		unsigned char c = *j->p;
+		if (c == '"') {
+			j->p++;
+			return true;
+		}
+		if (c < 0x20)
+			return false;
+		if (c == '\\') {
+			if (j->end - j->p < 2)
+				return false;
+			switch (j->p[1]) {
+			case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+				j->p += 2;
+				break;
+			case 'u':
+				if (j->end - j->p < 6)
+					return false;
+				for (int i = 2; i < 6; i++)
+					if (hex_digit(j->p[i]) < 0)
+						return false;
+				j->p += 6;
+				break;
+			default:
+				return false;
+			}
+			continue;
+		}
+		if (c < 0x80) {
+			j->p++;
+			continue;
+		}
+		uint32_t cp;
+		size_t k = utf8_next(j->p, (size_t)(j->end - j->p), &cp);
+		if (!k)
+			return false;
+		j->p += k;
+	}
+	return false;
+}
+
+static bool js_digits(struct jscan *j)
+{
+	const unsigned char *start = j->p;
+	while (j->p < j->end && *j->p >= '0' && *j->p <= '9')
+		j->p++;
+	return j->p > start;
+}
+
+static bool js_number(struct jscan *j)
+{
+	js_take(j, '-');
+	if (js_take(j, '0')) {
+		/* a leading zero stands alone */
+	} else if (!js_digits(j)) {
+		return false;
+	}
+	if (js_take(j, '.') && !js_digits(j))
+		return false;
+	if (js_take(j, 'e') || js_take(j, 'E')) {
+		if (!js_take(j, '+'))
+			js_take(j, '-');
+		if (!js_digits(j))
+			return false;
+	}
+	return true;
+}
+
+static bool js_word(struct jscan *j, const char *w)
+{
+	size_t n = strlen(w);
+	if ((size_t)(j->end - j->p) < n || memcmp(j->p, w, n) != 0)
+		return false;
+	j->p += n;
+	return true;
+}
+
+static bool js_value(struct jscan *j);
+
+static bool js_array(struct jscan *j, struct json_shape *shape)
+{
+	if (++j->depth > JSON_MAX_DEPTH)
+		return false;
+	j->p++; /* '[' */
+	js_space(j);
+	int count = 0;
+	if (!js_take(j, ']')) {
+		do {
+			js_space(j);
+			const unsigned char *start = j->p;
+			if (!js_value(j))
+				return false;
+			if (shape && count < 2)
+				shape->item[count] = (struct json_span){(const char *)start,
+				                                        (size_t)(j->p - start)};
+			count++;
+			js_space(j);
+		} while (js_take(j, ','));
+		if (!js_take(j, ']'))
+			return false;
+	}
+	if (shape)
+		shape->count = count;
+	j->depth--;
+	return true;
+}
+
+static bool js_object(struct jscan *j)
+{
+	if (++j->depth > JSON_MAX_DEPTH)
+		return false;
+	j->p++; /* '{' */
+	js_space(j);
+	if (!js_take(j, '}')) {
+		do {
+			js_space(j);
+			if (!js_string(j))
+				return false;
+			js_space(j);
+			if (!js_take(j, ':'))
+				return false;
+			js_space(j);
+			if (!js_value(j))
+				return false;
+			js_space(j);
+		} while (js_take(j, ','));
+		if (!js_take(j, '}'))
+			return false;
+	}
+	j->depth--;
+	return true;
+}
+
+static bool js_value(struct jscan *j)
+{
+	if (j->p >= j->end)
+		return false;
+	switch (*j->p) {
+	case '{': return js_object(j);
+	case '[': return js_array(j, NULL);
+	case '"': return js_string(j);
+	case 't': return js_word(j, "true");
+	case 'f': return js_word(j, "false");
+	case 'n': return js_word(j, "null");
+	default: return js_number(j);
+	}
+}
+
+/* Is s[0..n) exactly one JSON value (white space around it allowed)? Fills *shape if given. */
+static bool json_check(const char *s, size_t n, struct json_shape *shape)
+{
+	struct jscan j = {(const unsigned char *)s, (const unsigned char *)s + n, 0};
+	struct json_shape dummy;
+	if (!shape)
+		shape = &dummy;
+	memset(shape, 0, sizeof *shape);
+	js_space(&j);
+	if (j.p >= j.end)
+		return false;
+	unsigned char first = *j.p;
+	bool ok = first == '[' ? js_array(&j, shape) : js_value(&j);
+	js_space(&j);
+	if (!ok || j.p != j.end)
+		return false;
+	shape->kind = (first == '-' || (first >= '0' && first <= '9')) ? '0' : (char)first;
+	return true;
+}
+
+/* Decodes a checked JSON string literal (quotes included) into UTF-8 in out[0..cap).
+ * Returns its length, or -1 if it does not fit or holds a NUL or a lone surrogate. */
+static int json_string_text(struct json_span s, char *out, size_t cap)
+{
+	const unsigned char *p = (const unsigned char *)s.p + 1, *end = (const unsigned char *)s.p + s.n - 1;
+	size_t n = 0;
+	while (p < end) {
+		uint32_t cp = *p;
+		if (cp != '\\') {
+			if (n + 1 > cap)
+				return -1;
+			out[n++] = (char)*p++;
+			continue;
+		}
+		char e = (char)p[1];
+		p += 2;
+		switch (e) {
+		case 'b': cp = '\b'; break;
+		case 'f': cp = '\f'; break;
+		case 'n': cp = '\n'; break;
+		case 'r': cp = '\r'; break;
+		case 't': cp = '\t'; break;
+		case 'u':
+			cp = (uint32_t)(hex_digit(p[0]) << 12 | hex_digit(p[1]) << 8 |
+			                hex_digit(p[2]) << 4 | hex_digit(p[3]));
+			p += 4;
+			if (cp >= 0xD800 && cp <= 0xDBFF && end - p >= 6 && p[0] == '\\' && p[1] == 'u') {
+				uint32_t lo = (uint32_t)(hex_digit(p[2]) << 12 | hex_digit(p[3]) << 8 |
+				                         hex_digit(p[4]) << 4 | hex_digit(p[5]));
+				if (lo >= 0xDC00 && lo <= 0xDFFF) {
+					cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+					p += 6;
+				}
+			}
+			if (cp == 0 || (cp >= 0xD800 && cp <= 0xDFFF))
+				return -1;
+			break;
+		default: cp = (unsigned char)e; break; /* " \ / */
+		}
+		char enc[4];
+		size_t k = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+		if (k == 1) enc[0] = (char)cp;
+		else if (k == 2) enc[0] = (char)(0xC0 | cp >> 6), enc[1] = (char)(0x80 | (cp & 63));
+		else if (k == 3) enc[0] = (char)(0xE0 | cp >> 12), enc[1] = (char)(0x80 | ((cp >> 6) & 63)),
+		                 enc[2] = (char)(0x80 | (cp & 63));
+		else enc[0] = (char)(0xF0 | cp >> 18), enc[1] = (char)(0x80 | ((cp >> 12) & 63)),
+		     enc[2] = (char)(0x80 | ((cp >> 6) & 63)), enc[3] = (char)(0x80 | (cp & 63));
+		if (n + k > cap)
+			return -1;
+		memcpy(out + n, enc, k);
+		n += k;
+	}
+	return (int)n;
+}
+
+/* Appends s as a JSON string literal. */
+static void json_put_string(struct buf *b, const char *s)
+{
+	buf_addc(b, '"');
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p == '"' || *p == '\\') {
+			buf_addc(b, '\\');
+			buf_addc(b, (char)*p);
+		} else if (*p < 0x20) {
+			buf_printf(b, "\\u%04x", *p);
+		} else {
+			buf_addc(b, (char)*p);
+		}
+	}
+	buf_addc(b, '"');
+}
+
+/*
+ * Writes the checked JSON object obj with its "username" member set to name. The first
+ * username member keeps its place and takes the new value; any later ones are dropped,
+ * since JavaScript's JSON.parse lets the last duplicate key win; if there was none, it is
+ * added at the end. Keys are compared decoded, so "user\u006eame" counts too.
+ */
+static void json_stamp_username(struct buf *out, struct json_span obj, const char *name)
+{
+	struct jscan j = {(const unsigned char *)obj.p, (const unsigned char *)obj.p + obj.n, 0};
+	bool stamped = false, first = true;
+	js_space(&j);
+	j.p++; /* '{' */
+	buf_addc(out, '{');
+	js_space(&j);
+	if (!js_take(&j, '}')) {
+		do {
+			js_space(&j);
+			const unsigned char *member = j.p;
+			js_string(&j);
+			char key[16];
+			int klen = json_string_text((struct json_span){(const char *)member,
+			                                               (size_t)(j.p - member)},
+			                             key, sizeof key);
+			bool is_username = klen == 8 && memcmp(key, "username", 8) == 0;
+			js_space(&j);
+			js_take(&j, ':');
+			js_space(&j);
+			js_value(&j);
+			if (!is_username || !stamped) {
+				if (!first)
+					buf_addc(out, ',');
+				first = false;
+				if (is_username) {
+					buf_adds(out, "\"username\":");
+					json_put_string(out, name);
+					stamped = true;
+				} else {
+					buf_add(out, member, (size_t)(j.p - member));
+				}
+			}
+			js_space(&j);
+		} while (js_take(&j, ','));
+	}
+	if (!stamped) {
+		if (!first)
+			buf_addc(out, ',');
+		buf_adds(out, "\"username\":");
+		json_put_string(out, name);
+	}
+	buf_addc(out, '}');
+}
+
+/* Parses checked-or-not JSON into a jansson tree; NULL if json_check refuses it. */
+static json_t *json_parse(const char *s, size_t n, size_t flags)
+{
+	if (!json_check(s, n, NULL))
+		return NULL;
+	json_error_t err;
+	return json_loadb(s, n, flags | JSON_DECODE_ANY | JSON_ALLOW_NUL, &err);
+}
+
+/* Serializes a jansson tree compactly, the way socket.io and python-socketio do. */
+static void json_dump_to(struct buf *b, const json_t *v)
+{
+	size_t n = json_dumpb(v, NULL, 0, JSON_COMPACT | JSON_ENCODE_ANY);
+	buf_reserve(b, n);
+	b->len += json_dumpb(v, b->p + b->len, n, JSON_COMPACT | JSON_ENCODE_ANY);
+}
+
+/* ===================================== names ===================================== */
+/*
+ * Every client in the room gets a nickname of its own, picked at random among the names
+ * nobody holds. The list is name.txt, which the assembler copies into the binary at build
+ * time (so the binary alone works anywhere); --names replaces it at start-up. When every
+ * name is taken, a taken one gets a suffix: Otter#2, Otter#3, ...
+ *
+ * `holders` maps every nickname in use to its session; `free_names` lists the indexes of
+ * list names nobody holds (with `free_pos`, each index's place in it), so a pick is O(1).
+ * All of it is guarded by room_lock.
+ */
+__asm__(".pushsection .rodata\n"
+        ".globl chatroom_names_txt\n"
+        ".hidden chatroom_names_txt\n"
+        "chatroom_names_txt:\n"
+        ".incbin \"name.txt\"\n"
+        ".byte 0\n"
+        ".popsection\n");
+extern const char chatroom_names_txt[] __attribute__((visibility("hidden")));
+
+static struct {
+	char **list;
+	int count;
+	struct strmap index; /* list name -> its index */
+	int *free_names;
+	int *free_pos; /* index -> place in free_names, or -1 while someone holds it */
+	int nfree;
+	struct strmap holders; /* nickname in use -> session index */
+} names;
+
+/* Splits text into names: one a line, surrounding white space and blank lines ignored,
+ * duplicates dropped. Returns an error message, or NULL. */
+static const char *names_load(const char *text, size_t len)
+{
+	if (len >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0) /* a byte-order mark */
+		text += 3, len -= 3;
+	if (!utf8_valid(text, len))
+		return "is not valid UTF-8";
+	int cap = 64;
+	names.list = xmalloc((size_t)cap * sizeof *names.list);
+	strmap_init(&names.index, 1 << 16);
+	const char *p = text, *end = text + len;
+	while (p < end) {
+		const char *nl = memchr(p, '\n', (size_t)(end - p));
+		const char *line_end = nl ? nl : end;
+		const char *a = p, *b = line_end;
+		while (a < b && strchr(" \t\r\v\f", *a))
+			a++;
+		while (b > a && strchr(" \t\r\v\f", b[-1]))
+			b--;
+		p = nl ? nl + 1 : end;
+		if (a == b || memchr(a, 0, (size_t)(b - a)))
+			continue;
+		if (names.count >= 65535)
+			return "has more than 65535 names";
+		char *name = xstrndup(a, (size_t)(b - a));
+		if (strmap_get(&names.index, name) >= 0) {
+			free(name);
+			continue;
+		}
+		if (names.count == cap)
+			names.list = xrealloc(names.list, (size_t)(cap *= 2) * sizeof *names.list);
+		names.list[names.count] = name;
+		strmap_put(&names.index, name, names.count);
+		names.count++;
+	}
+	if (names.count == 0)
+		return "holds no names";
+	names.free_names = xmalloc((size_t)names.count * sizeof(int));
+	names.free_pos = xmalloc((size_t)names.count * sizeof(int));
+	for (int i = 0; i < names.count; i++)
+		names.free_names[i] = names.free_pos[i] = i;
+	names.nfree = names.count;
+	strmap_init(&names.holders, MAX_SESSIONS);
+	return NULL;
+}
+
+/* Reads the names file, or exits 1 with one clear line. */
+static void names_init(void)
+{
+	if (!opt.names_file) {
+		const char *err = names_load(chatroom_names_txt, strlen(chatroom_names_txt));
+		if (err) {
+			fprintf(stderr, "chatroom: the built-in names list %s\n", err);
+			exit(1);
+		}
+		return;
+	}
+	FILE *f = fopen(opt.names_file, "rb");
+	if (!f) {
+		fprintf(stderr, "chatroom: cannot read names file %s: %s\n", opt.names_file,
+		        strerror(errno));
+		exit(1);
+	}
+	struct buf text = {0};
+	char chunk[65536];
+	size_t n;
+	while ((n = fread(chunk, 1, sizeof chunk, f)) > 0 && text.len < (64u << 20))
+		buf_add(&text, chunk, n);
+	bool failed = ferror(f);
+	fclose(f);
+	if (failed) {
+		fprintf(stderr, "chatroom: cannot read names file %s\n", opt.names_file);
+		exit(1);
+	}
+	const char *err = names_load(text.p ? text.p : "", text.len);
+	if (err) {
+		fprintf(stderr, "chatroom: names file %s %s\n", opt.names_file, err);
+		exit(1);
+	}
+	buf_free(&text);
+}
+
+static void name_unfree(int idx)
+{
+	int pos = names.free_pos[idx];
+	if (pos < 0)
+		return;
+	int last = names.free_names[--names.nfree];
+	names.free_names[pos] = last;
+	names.free_pos[last] = pos;
+	names.free_pos[idx] = -1;
+}
+
+/* Records that session `holder` holds nickname `nick` (a string the caller keeps alive). */
+static void name_claim(const char *nick, int holder)
+{
+	strmap_put(&names.holders, nick, holder);
+	int idx = strmap_get(&names.index, nick);
+	if (idx >= 0)
+		name_unfree(idx);
+}
+
+static void name_release(const char *nick)
+{
+	strmap_del(&names.holders, nick);
+	int idx = strmap_get(&names.index, nick);
+	if (idx >= 0 && names.free_pos[idx] < 0) {
+		names.free_pos[idx] = names.nfree;
+		names.free_names[names.nfree++] = idx;
+	}
+}
+
+/* Picks a nickname nobody holds; the caller claims it. Returns a malloc'd string. */
+static char *name_pick(void)
+{
+	if (names.nfree > 0) {
+		const char *name = names.list[names.free_names[rng_below((uint32_t)names.nfree)]];
+		return xstrndup(name, strlen(name));
+	}
+	const char *base = names.list[rng_below((uint32_t)names.count)];
+	char *nick = xmalloc(strlen(base) + 16);
+	for (long k = 2;; k++) {
+		sprintf(nick, "%s#%ld", base, k);
+		if (strmap_get(&names.holders, nick) < 0)
+			return nick;
+	}
+}
+
+/* ================================ shared buffers ================================ */
+/*
+ * A packet is serialized once, into a blob, however many clients it goes to: each
+ * recipient's queue holds a reference to it. Whoever writes or discards the last reference
+ * frees it; that can be any thread, hence the atomic count.
+ */
+struct blob {
+	atomic_int refs;
+	size_t len;
+	char data[];
+};
+
+static struct blob *blob_new(size_t len)
+{
+	struct blob *b = xmalloc(sizeof *b + len + 1);
+	atomic_init(&b->refs, 1);
+	b->len = len;
+	b->data[len] = 0; /* handy for text; not counted in len */
+	return b;
+}
+
+static struct blob *blob_of(const void *p, size_t len)
+{
+	struct blob *b = blob_new(len);
+	memcpy(b->data, p, len);
+	return b;
+}
+
+static struct blob *blob_ref(struct blob *b)
+{
+	atomic_fetch_add_explicit(&b->refs, 1, memory_order_relaxed);
+	return b;
+}
+
+static void blob_unref(struct blob *b)
+{
+	if (b && atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
+		free(b);
+}
+
+/* An Engine.IO packet waiting to be sent. Text packets carry their type character
+ * ("4..." for a message, "2" for a ping); binary ones are message data only. */
+struct packet {
+	struct blob *blob;
+	bool binary;
+};
+
+/* A FIFO of packets: a ring that doubles when full. Its size is bounded by the session's
+ * queue_limit, which counts QUEUE_ENTRY_COST per packet besides the bytes. */
+struct outq {
+	struct packet *ring;
+	unsigned head, count, cap;
+};
+
+static void outq_push(struct outq *q, struct packet p)
+{
+	if (q->count == q->cap) {
+		unsigned cap = q->cap ? q->cap * 2 : 8;
+		struct packet *ring = xmalloc(cap * sizeof *ring);
+		for (unsigned i = 0; i < q->count; i++)
+			ring[i] = q->ring[(q->head + i) % q->cap];
+		free(q->ring);
+		q->ring = ring, q->head = 0, q->cap = cap;
+	}
+	q->ring[(q->head + q->count++) % q->cap] = p;
+}
+
+static struct packet outq_pop(struct outq *q)
+{
+	struct packet p = q->ring[q->head];
+	q->head = (q->head + 1) % q->cap;
+	q->count--;
+	return p;
+}
+
+static void outq_clear(struct outq *q)
+{
+	while (q->count)
+		blob_unref(outq_pop(q).blob);
+	free(q->ring);
+	*q = (struct outq){0};
+}
+
+static long packet_cost(struct packet p) { return (long)p.blob->len + QUEUE_ENTRY_COST; }
+
+/* =================================== sessions =================================== */
+/*
+ * One struct session per client: its Engine.IO state, its outbound queue, its transports,
+ * and what the Socket.IO layer and the chat room keep about it. Sessions live in a static
+ * array; a free list hands out slots. A closed session keeps its slot until no thread
+ * refers to it any more: a long-poll handler inside it (`users`), a WebSocket attached to
+ * it, or a place on the wire thread's list of queues to write.
+ *
+ * Closing is done in one place, session_close, always under room_lock. Code that finds a
+ * client must go while it is in the middle of something else -- a broadcast that finds a
+ * full queue, say -- dooms it instead, and room_unlock closes the doomed before it lets go
+ * of the lock. So a broadcast never recurses into the logout broadcast of a dropped client.
+ */
+enum transport { POLLING, WEBSOCKET };
+enum session_state { S_FREE, S_OPEN, S_CLOSED };
+
+struct session;
+struct wsconn;
+
+/* What Engine.IO asks of the layer above it (Socket.IO, or the raw echo of the test server). */
+struct eio_app {
+	void (*on_open)(struct session *s);  /* room_lock held */
+	void (*on_close)(struct session *s); /* room_lock held */
+	/* room_lock NOT held: the layer may parse at leisure, then lock to act. */
+	void (*on_message)(struct session *s, const char *data, size_t len, bool binary);
+	/* room_lock held, may be NULL: a ping went out (protocol 4) or came in (protocol 3). */
+	void (*on_heartbeat)(struct session *s, int64_t now);
+};
+
+/* An Engine.IO server: a path and its settings. The chat has one; the test server two. */
+struct endpoint {
+	const char *path; /* "/socket.io/" */
+	int ping_interval, ping_timeout;
+	long max_payload;
+	const struct eio_app *app;
+};
+
+/* A session's membership in one Socket.IO namespace. */
+struct sio_socket {
+	bool connected;
+	char sid[NSP_MAX + SID_LEN + 2]; /* protocol 4 names sockets "/nsp#<engine sid>" */
+};
+
+/* A binary Socket.IO packet whose attachments are still arriving. */
+struct sio_pending {
+	bool active;
+	int type, nsp, expected, received;
+	int64_t ack;
+	struct blob *header; /* the packet's JSON */
+	struct blob *att[MAX_ATTACHMENTS];
+};
+
+struct session {
+	enum session_state state;
+	int index;
+	char sid[SID_LEN + 1];
+	const struct endpoint *ep;
+	int eio;                  /* Engine.IO protocol revision: 3 or 4 */
+	enum transport transport; /* the one that carries packets now */
+	bool b64;                 /* protocol 3 polling: binary as base64 text */
+	int64_t opened_at;
+
+	struct outq q; /* packets for the client, in order */
+	long qbytes;   /* their cost, including packets the wire thread is writing */
+
+	/* long-polling: at most one GET and one POST at a time */
+	bool get_active, post_active;
+	bool get_parked;       /* a GET waits on `wake` for packets */
+	pthread_cond_t *wake;  /* session_wakes[index]: condition variables are not copied */
+	int users; /* handler threads inside this session */
+
+	/* WebSocket */
+	struct wsconn *ws;    /* the WebSocket transport, when transport == WEBSOCKET */
+	struct wsconn *probe; /* a WebSocket trying to take over from polling */
+	bool probed;          /* the probe answered 3probe: long-polls are released with noop */
+	bool dirty;           /* on the wire thread's list of queues to write */
+	struct session *next_dirty;
+
+	/* heartbeat: one timer per session, kept in a min-heap (see timers) */
+	int64_t timer_at; /* protocol 4: next ping, or pong deadline; 3: silence deadline */
+	int heap_pos;     /* place in the timer heap, -1 when not in it */
+	bool awaiting_pong, deadline_refreshed;
+	uint32_t gen;     /* counts the slot's reuses: stale epoll events are told apart */
+	int get_fd;       /* socket of a parked GET, watched for the client hanging up */
+	bool closed_by_client; /* it sent a close packet: a parked GET gets noop, not close */
+
+	/* closing */
+	bool doomed;
+	const char *close_reason;
+	struct session *next_doomed;
+
+	/* Socket.IO */
+	struct sio_socket nsp[MAX_NAMESPACES];
+	struct sio_pending pending;
+
+	/* the chat room */
+	char *nick;
+	bool delta; /* asked for delta presence */
+};
+
+static pthread_mutex_t room_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct session sessions[MAX_SESSIONS];
+static pthread_cond_t session_wakes[MAX_SESSIONS];
+static int free_slots[MAX_SESSIONS], nfree_slots;
+static int slots_high;        /* one past the highest slot ever used: scans stop there */
+static int session_capacity;  /* how many may be open at once: room size plus slack */
+static int sessions_open;
+static struct strmap sids;    /* sid of an open session -> its slot */
+static struct session *doomed_head;
+static struct session *dirty_head; /* queues for the wire thread to write */
+static bool stopping;          /* the server is shutting down */
+
+static void wire_wake(void);
+
+static void sessions_init(void)
+{
+	pthread_condattr_t monotonic;
+	pthread_condattr_init(&monotonic);
+	pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+	for (int i = 0; i < MAX_SESSIONS; i++) {
+		sessions[i].index = i;
+		pthread_cond_init(&session_wakes[i], &monotonic);
+		free_slots[i] = MAX_SESSIONS - 1 - i;
+	}
+	nfree_slots = MAX_SESSIONS;
+	session_capacity = opt.max_clients + 16 + opt.max_clients / 8;
+	if (session_capacity > MAX_SESSIONS)
+		session_capacity = MAX_SESSIONS;
+	strmap_init(&sids, MAX_SESSIONS);
+}
+
+/* A session id: 15 random bytes in base64url, 20 characters, as Node's engine.io makes. */
+static void make_sid(char out[SID_LEN + 1])
+{
+	static const char alphabet[] =
+		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+	unsigned char r[15];
+	random_bytes(r, sizeof r);
+	for (int i = 0; i < 5; i++) {
+		uint32_t v = (uint32_t)r[3 * i] << 16 | (uint32_t)r[3 * i + 1] << 8 | r[3 * i + 2];
+		for (int k = 0; k < 4; k++)
+			out[4 * i + k] = alphabet[(v >> (18 - 6 * k)) & 63];
+	}
+	out[SID_LEN] = 0;
+}
+
+static struct session *session_find(const char *sid)
+{
+	int i = strmap_get(&sids, sid);
+	return i >= 0 ? &sessions[i] : NULL;
+}
+
+/* A new open session, or NULL when all places are taken. room_lock held. */
+static struct session *session_new(const struct endpoint *ep, int eio, enum transport t)
+{
+	if (sessions_open >= session_capacity || nfree_slots == 0)
+		return NULL;
+	struct session *s = &sessions[free_slots[--nfree_slots]];
+	int index = s->index;
+	uint32_t gen = s->gen + 1;
+	memset(s, 0, sizeof *s);
+	s->index = index;
+	s->gen = gen;
+	s->heap_pos = -1;
+	s->get_fd = -1;
+	s->wake = &session_wakes[index];
+	if (index + 1 > slots_high)
+		slots_high = index + 1;
+	s->state = S_OPEN;
+	s->ep = ep;
+	s->eio = eio;
+	s->transport = t;
+	s->opened_at = now_ms();
+	do
+		make_sid(s->sid);
+	while (session_find(s->sid));
+	strmap_put(&sids, s->sid, index);
+	sessions_open++;
+	return s;
+}
+
+/* Lets the slot go once nobody refers to the closed session. room_lock held. */
+static void session_release(struct session *s)
+{
+	if (s->state != S_CLOSED || s->users || s->ws || s->probe || s->dirty)
+		return;
+	s->state = S_FREE;
+	free_slots[nfree_slots++] = s->index;
+}
+
+/* Wakes whoever writes this session's queue: a parked GET, or the wire thread. */
+static void session_kick(struct session *s)
+{
+	if (s->transport == POLLING) {
+		if (s->get_parked)
+			pthread_cond_signal(s->wake);
+	} else if (!s->dirty) {
+		s->dirty = true;
+		s->next_dirty = dirty_head;
+		dirty_head = s;
+		wire_wake();
+	}
+}
+
+static void session_doom(struct session *s, const char *reason)
+{
+	if (s->state != S_OPEN || s->doomed)
+		return;
+	s->doomed = true;
+	s->close_reason = reason;
+	s->next_doomed = doomed_head;
+	doomed_head = s;
+}
+
+/* Queues one packet for the client. A client whose backlog would pass queue_limit is not
+ * keeping up, and it is dropped rather than allowed to make anyone wait. room_lock held. */
+static void session_send(struct session *s, struct blob *b, bool binary)
+{
+	if (s->state != S_OPEN || s->doomed)
+		return;
+	struct packet p = {b, binary};
+	if (s->qbytes + packet_cost(p) > opt.queue_limit) {
+		session_doom(s, "outbound queue overflow");
+		return;
+	}
+	outq_push(&s->q, (struct packet){blob_ref(b), binary});
+	s->qbytes += packet_cost(p);
+	session_kick(s);
+}
+
+/* Same, for a text packet given as a C string: "2" (ping), "40", ... */
+static void session_send_text(struct session *s, const char *text)
+{
+	struct blob *b = blob_of(text, strlen(text));
+	session_send(s, b, false);
+	blob_unref(b);
+}
+
+/*
+ * Timers. Each open session has one deadline: when to ping, or when the client's silence
+ * ends it. They live in a binary min-heap ordered by timer_at, so the wire thread sleeps
+ * exactly until the next one and heartbeats are as punctual as Node's (a 300 ms ping
+ * interval is kept to the millisecond) however many sessions there are. room_lock held.
+ */
+static int timer_heap[MAX_SESSIONS];
+static int timer_count;
+
+static bool timer_before(int a, int b) { return sessions[a].timer_at < sessions[b].timer_at; }
+
+static void timer_place(int pos, int idx)
+{
+	timer_heap[pos] = idx;
+	sessions[idx].heap_pos = pos;
+}
+
+static void timer_sift_up(int pos)
+{
+	int idx = timer_heap[pos];
+	while (pos > 0 && timer_before(idx, timer_heap[(pos - 1) / 2])) {
+		timer_place(pos, timer_heap[(pos - 1) / 2]);
+		pos = (pos - 1) / 2;
+	}
+	timer_place(pos, idx);
+}
+
+static void timer_sift_down(int pos)
+{
+	int idx = timer_heap[pos];
+	for (;;) {
+		int child = 2 * pos + 1;
+		if (child >= timer_count)
+			break;
+		if (child + 1 < timer_count && timer_before(timer_heap[child + 1], timer_heap[child]))
+			child++;
+		if (!timer_before(timer_heap[child], idx))
+			break;
+		timer_place(pos, timer_heap[child]);
+		pos = child;
+	}
+	timer_place(pos, idx);
+}
+
+static void timer_set(struct session *s, int64_t at)
+{
+	s->timer_at = at;
+	if (s->heap_pos < 0) {
+		timer_place(timer_count++, s->index);
+		timer_sift_up(timer_count - 1);
+	} else {
+		timer_sift_up(s->heap_pos);
+		timer_sift_down(s->heap_pos);
+	}
+}
+
+static void timer_cancel(struct session *s)
+{
+	int pos = s->heap_pos;
+	if (pos < 0)
+		return;
+	s->heap_pos = -1;
+	if (--timer_count == pos)
+		return;
+	timer_place(pos, timer_heap[timer_count]);
+	timer_sift_up(pos);
+	timer_sift_down(sessions[timer_heap[pos]].heap_pos);
+}
+
+/* The session whose timer is due first, or NULL if none is due by `now`. */
+static struct session *timer_due(int64_t now)
+{
+	if (timer_count == 0 || sessions[timer_heap[0]].timer_at > now)
+		return NULL;
+	return &sessions[timer_heap[0]];
+}
+
+/* Milliseconds until the next timer, or -1 if there is none. */
+static int timer_wait_ms(int64_t now)
+{
+	if (timer_count == 0)
+		return -1;
+	int64_t d = sessions[timer_heap[0]].timer_at - now;
+	return d < 0 ? 0 : d > 60000 ? 60000 : (int)d;
+}
+
+/*
+ * Closes an open session: the layer above says goodbye (the chat broadcasts a logout),
+ * queued packets are dropped, and whoever carries the transport is told. Long-polls that
+ * wait are woken and answer with a close packet; the wire thread closes WebSockets.
+ * room_lock held.
+ */
+static void session_close(struct session *s, const char *reason)
+{
+	if (s->state != S_OPEN)
+		return;
+	s->state = S_CLOSED;
+	s->close_reason = reason;
+	sessions_open--;
+	strmap_del(&sids, s->sid);
+	timer_cancel(s);
+	s->ep->app->on_close(s);
+	outq_clear(&s->q);
+	s->qbytes = 0;
+	pthread_cond_broadcast(s->wake);
+	if ((s->ws || s->probe) && !s->dirty) {
+		s->dirty = true; /* the wire thread will see it closed and close its sockets */
+		s->next_dirty = dirty_head;
+		dirty_head = s;
+		wire_wake();
+	}
+	session_release(s);
+}
+
+static void room_lock_acquire(void) { pthread_mutex_lock(&room_lock); }
+
+/* Closes the sessions doomed under the lock. Done before room_lock is let go of, whether
+ * by room_unlock or by waiting on a condition variable. */
+static void reap_doomed(void)
+{
+	while (doomed_head) {
+		struct session *s = doomed_head;
+		doomed_head = s->next_doomed;
+		s->doomed = false;
+		session_close(s, s->close_reason);
+	}
+}
+
+static void room_unlock(void)
+{
+	reap_doomed();
+	pthread_mutex_unlock(&room_lock);
+}
+
+/* =============================== Engine.IO packets =============================== */
+/*
+ * Engine.IO carries messages in packets: a type digit -- 0 open, 1 close, 2 ping, 3 pong,
+ * 4 message, 5 upgrade, 6 noop -- and data. Binary messages have no type digit of their own
+ * over WebSocket (protocol 3 puts a byte 4 in front). A long-poll body carries several
+ * packets, framed one of three ways:
+ *
+ *   protocol 4      packets joined by the record separator 0x1e; binary as "b" + base64
+ *   protocol 3      "<length>:<packet>" repeated, the length in UTF-16 units as JavaScript
+ *                   counts them; binary as "b4" + base64
+ *   protocol 3,     when the client did not ask for b64=1 and something is binary:
+ *   binary body     <0 text | 1 binary> <length, one decimal digit a byte> 0xFF <packet>
+ */
+static void put_binary_length(struct buf *out, int kind, size_t len)
+{
+	char digits[24];
+	int n = snprintf(digits, sizeof digits, "%zu", len);
+	buf_addc(out, (char)kind);
+	for (int i = 0; i < n; i++)
+		buf_addc(out, (char)(digits[i] - '0'));
+	buf_addc(out, (char)0xFF);
+}
+
+/* Encodes packets as a long-poll response body. Returns true if the body is binary. */
+static bool payload_encode(struct buf *out, int eio, bool b64, const struct packet *pk, int n)
+{
+	bool any_binary = false;
+	for (int i = 0; i < n; i++)
+		any_binary |= pk[i].binary;
+
+	if (eio == 4) {
+		for (int i = 0; i < n; i++) {
+			if (i)
+				buf_addc(out, '\x1e');
+			if (pk[i].binary) {
+				buf_addc(out, 'b');
+				base64_encode(out, (unsigned char *)pk[i].blob->data, pk[i].blob->len);
+			} else {
+				buf_add(out, pk[i].blob->data, pk[i].blob->len);
+			}
+		}
+		return false;
+	}
+	if (any_binary && !b64) {
+		for (int i = 0; i < n; i++) {
+			const struct blob *b = pk[i].blob;
+			if (pk[i].binary) {
+				put_binary_length(out, 1, b->len + 1);
+				buf_addc(out, 4);
+			} else {
+				put_binary_length(out, 0, b->len);
+			}
+			buf_add(out, b->data, b->len);
+		}
+		return true;
+	}
+	for (int i = 0; i < n; i++) {
+		const struct blob *b = pk[i].blob;
+		if (pk[i].binary) {
+			buf_printf(out, "%zu:b4", 2 + (b->len + 2) / 3 * 4);
+			base64_encode(out, (unsigned char *)b->data, b->len);
+		} else {
+			buf_printf(out, "%zu:", utf16_length(b->data, b->len));
+			buf_add(out, b->data, b->len);
+		}
+	}
+	return false;
+}
+
+/* Receives one packet; returns false to stop reading the rest of the body. */
+typedef bool (*packet_fn)(struct session *s, char type, const char *data, size_t len,
+                          bool binary);
+
+/* One packet in text form: a type digit and data, or "b" and base64 (`typed`: protocol 3
+ * writes "b4..." where protocol 4 writes "b..."). */
+static bool text_packet(struct session *s, const char *p, size_t n, bool typed, packet_fn fn,
+                        bool *ok)
+{
+	*ok = false;
+	if (n == 0)
+		return false;
+	if (p[0] == 'b') {
+		size_t skip = typed ? 2 : 1;
+		if (n < skip || (typed && p[1] != '4'))
+			return false;
+		struct buf bin = {0};
+		if (!base64_decode(&bin, p + skip, n - skip)) {
+			buf_free(&bin);
+			return false;
+		}
+		*ok = true;
+		bool more = fn(s, '4', bin.p ? bin.p : "", bin.len, true);
+		buf_free(&bin);
+		return more;
+	}
+	if (p[0] < '0' || p[0] > '6')
+		return false;
+	*ok = true;
+	return fn(s, p[0], p + 1, n - 1, false);
+}
+
+/*
+ * Splits a long-poll request body into packets and hands them to fn in order. Returns
+ * false if the body is malformed; the packets before the fault have been handed over, as
+ * Node's parser does.
+ */
+static bool payload_decode(struct session *s, const char *body, size_t len, bool binary_body,
+                           packet_fn fn)
+{
+	bool ok = true;
+	if (binary_body) { /* protocol 3 only */
+		const unsigned char *p = (const unsigned char *)body, *end = p + len;
+		while (p < end) {
+			int kind = *p++;
+			size_t plen = 0;
+			int digits = 0;
+			while (p < end && *p != 0xFF) {
+				if (*p > 9 || ++digits > 9)
+					return false;
+				plen = plen * 10 + *p++;
+			}
+			if (kind > 1 || digits == 0 || p == end || (size_t)(end - ++p) < plen || plen == 0)
+				return false;
+			const char *pkt = (const char *)p;
+			p += plen;
+			bool more;
+			if (kind == 0) {
+				if (!utf8_valid(pkt, plen))
+					return false;
+				more = text_packet(s, pkt, plen, true, fn, &ok);
+			} else {
+				ok = pkt[0] >= 0 && pkt[0] <= 6;
+				more = ok && fn(s, (char)('0' + pkt[0]), pkt + 1, plen - 1, pkt[0] == 4);
+			}
+			if (!ok || !more)
+				return ok;
+		}
+		return true;
+	}
+	if (!utf8_valid(body, len))
+		return false;
+	const char *p = body, *end = body + len;
+	if (s->eio == 4) {
+		while (p <= end) {
+			const char *sep = memchr(p, '\x1e', (size_t)(end - p));
+			const char *pkt_end = sep ? sep : end;
+			if (!text_packet(s, p, (size_t)(pkt_end - p), false, fn, &ok) || !ok)
+				return ok;
+			p = pkt_end + 1;
+		}
+		return true;
+	}
+	while (p < end) {
+		size_t units = 0;
+		int digits = 0;
+		while (p < end && *p != ':') {
+			if (*p < '0' || *p > '9' || ++digits > 9)
+				return false;
+			units = units * 10 + (size_t)(*p++ - '0');
+		}
+		if (digits == 0 || p == end)
+			return false;
+		p++;
+		size_t bytes = utf16_prefix_bytes(p, (size_t)(end - p), units);
+		if (bytes == SIZE_MAX)
+			return false;
+		const char *pkt = p;
+		p += bytes;
+		if (bytes == 0)
+			continue;
+		if (!text_packet(s, pkt, bytes, true, fn, &ok) || !ok)
+			return ok;
+	}
+	return true;
+}
+
+/* ================================== Engine.IO ================================== */
+/*
+ * A session opens with a handshake: the open packet tells the client its sid, the
+ * transports it may upgrade to, and the heartbeat timing. Then:
+ *
+ *   protocol 4   the server pings every pingInterval; the pong must come within
+ *                pingTimeout (any other packet while we wait buys it one more pingTimeout,
+ *                as Node allows), or the session closes with "ping timeout".
+ *   protocol 3   the client pings and the server answers; pingInterval + pingTimeout of
+ *                silence after the last ping closes the session.
+ *
+ * The wire thread fires the timers; eio_receive handles what the client sends, whichever
+ * transport it came by.
+ */
+static struct blob *eio_open_packet(const struct session *s)
+{
+	json_t *upgrades = json_array();
+	if (s->transport == POLLING)
+		json_array_append_new(upgrades, json_string("websocket"));
+	json_t *o = json_pack("{s:s, s:o, s:i, s:i, s:I}", "sid", s->sid, "upgrades", upgrades,
+	                      "pingInterval", s->ep->ping_interval, "pingTimeout",
+	                      s->ep->ping_timeout, "maxPayload", (json_int_t)s->ep->max_payload);
+	struct buf b = {0};
+	buf_addc(&b, '0');
+	json_dump_to(&b, o);
+	json_decref(o);
+	struct blob *blob = blob_of(b.p, b.len);
+	buf_free(&b);
+	return blob;
+}
+
+/* Opens a session and queues its open packet. NULL when every place is taken.
+ * room_lock held. */
+static struct session *eio_open(const struct endpoint *ep, int eio, enum transport t, bool b64)
+{
+	struct session *s = session_new(ep, eio, t);
+	if (!s)
+		return NULL;
+	s->b64 = b64;
+	struct blob *open = eio_open_packet(s);
+	session_send(s, open, false);
+	blob_unref(open);
+	int64_t now = now_ms();
+	if (eio == 4)
+		timer_set(s, now + ep->ping_interval);
+	else
+		timer_set(s, now + ep->ping_interval + ep->ping_timeout);
+	ep->app->on_open(s);
+	return s;
+}
+
+/* A session's timer is due: ping, or give up on a silent client. room_lock held. */
+static void eio_timer_fire(struct session *s, int64_t now)
+{
+	if (s->eio == 4 && !s->awaiting_pong) {
+		session_send_text(s, "2");
+		s->awaiting_pong = true;
+		s->deadline_refreshed = false;
+		timer_set(s, now + s->ep->ping_timeout);
+		if (s->ep->app->on_heartbeat)
+			s->ep->app->on_heartbeat(s, now);
+		return;
+	}
+	timer_cancel(s);
+	session_doom(s, "ping timeout");
+}
+
+/* Heartbeat bookkeeping for one received packet. Returns false if the packet breaks the
+ * protocol and the session must close. room_lock held. */
+static bool eio_heard(struct session *s, char type, const char *data, size_t len)
+{
+	int64_t now = now_ms();
+	if (s->eio == 4) {
+		if (type == '2')
+			return false; /* invalid heartbeat direction */
+		if (type == '3') {
+			s->awaiting_pong = false;
+			timer_set(s, now + s->ep->ping_interval);
+		} else if (s->awaiting_pong && !s->deadline_refreshed) {
+			s->deadline_refreshed = true;
+			timer_set(s, now + s->ep->ping_timeout);
+		}
+		return true;
+	}
+	if (type == '3')
+		return false; /* invalid heartbeat direction */
+	if (type == '2') {
+		struct buf pong = {0};
+		buf_addc(&pong, '3');
+		buf_add(&pong, data, len);
+		struct blob *b = blob_of(pong.p, pong.len);
+		buf_free(&pong);
+		session_send(s, b, false);
+		blob_unref(b);
+		timer_set(s, now + s->ep->ping_interval + s->ep->ping_timeout);
+		if (s->ep->app->on_heartbeat)
+			s->ep->app->on_heartbeat(s, now);
+	}
+	return true;
+}
+
+/* One packet from the client, by whatever transport. Returns false once the session is
+ * closed, so that the rest of a long-poll body is ignored. room_lock NOT held. */
+static bool eio_receive(struct session *s, char type, const char *data, size_t len, bool binary)
+{
+	room_lock_acquire();
+	if (s->state != S_OPEN) {
+		room_unlock();
+		return false;
+	}
+	bool message = binary || type == '4';
+	if (type == '1') {
+		s->closed_by_client = true;
+		session_close(s, "transport close");
+	} else if (!eio_heard(s, binary ? '4' : type, data, len)) {
+		session_close(s, "invalid heartbeat direction");
+	}
+	bool open = s->state == S_OPEN;
+	room_unlock();
+	if (open && message)
+		s->ep->app->on_message(s, data, len, binary);
+	return open;
+}
+
+/* ================================= long-polling ================================= */
+/*
+ * A long-poll GET waits on its session's condition variable until there is something to
+ * send, then takes the whole queue and answers with it; a POST carries packets in. Both
+ * run on civetweb workers and block only themselves: the response to a slow client is
+ * written outside room_lock, and only that client's worker waits for it.
+ *
+ * While a GET waits, its socket is watched by the wire thread: a client that gives up on
+ * its long-poll (closes the connection) ends its session at once, as with Node, instead of
+ * lingering until the heartbeat notices.
+ */
+enum eio_error { E_TRANSPORT, E_SID, E_METHOD, E_REQUEST, E_FORBIDDEN, E_VERSION };
+static const char *const eio_error_text[] = {
+	"Transport unknown", "Session ID unknown", "Bad handshake method",
+	"Bad request", "Forbidden", "Unsupported protocol version",
+};
+
+static const char *http_status_text(int status)
+{
+	switch (status) {
+	case 101: return "Switching Protocols";
+	case 200: return "OK";
+	case 204: return "No Content";
+	case 400: return "Bad Request";
+	case 403: return "Forbidden";
+	case 404: return "Not Found";
+	case 405: return "Method Not Allowed";
+	case 413: return "Payload Too Large";
+	case 503: return "Service Unavailable";
+	default: return "Error";
+	}
+}
+
+/* Tells civetweb to close the connection after this response instead of reading on. */
+static void http_close_after(struct mg_connection *c)
+{
+#if CIVETWEB_EMBEDDED
+	c->must_close = 1;
+#else
+	mg_disable_keep_alive(c); /* Debian's libcivetweb has it */
+#endif
+}
+
+/* Sends a whole response: head and body in one write when the body is small. */
+static int http_reply(struct mg_connection *c, int status, const char *type,
+                      const char *extra_headers, const void *body, size_t len)
+{
+	struct buf r = {0};
+	buf_printf(&r, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+	               "Cache-Control: no-store\r\n%s\r\n",
+	           status, http_status_text(status), type, len, extra_headers ? extra_headers : "");
+	if (len <= 65536) {
+		buf_add(&r, body, len);
+		mg_write(c, r.p, r.len);
+	} else {
+		mg_write(c, r.p, r.len);
+		mg_write(c, body, len);
+	}
+	buf_free(&r);
+	return status;
+}
+
+static int eio_error_reply(struct mg_connection *c, enum eio_error code)
+{
+	char body[96];
+	int n = snprintf(body, sizeof body, "{\"code\":%d,\"message\":\"%s\"}", (int)code,
+	                 eio_error_text[code]);
+	return http_reply(c, code == E_FORBIDDEN ? 403 : 400, "application/json", NULL, body,
+	                  (size_t)n);
+}
+
+static int wire_epfd = -1;
+
+/* epoll tags: what an event is about, which slot, and which use of that slot. */
+enum { TAG_WAKE = 1, TAG_WS = 2, TAG_GET = 3 };
+
+static uint64_t epoll_tag(int kind, uint32_t gen, int index)
+{
+	return (uint64_t)kind << 56 | (uint64_t)(gen & 0xFFFFFF) << 32 | (uint32_t)index;
+}
+
+/* The socket under a civetweb connection, when we can know it. */
+static int connection_fd(struct mg_connection *c)
+{
+#if CIVETWEB_EMBEDDED
+	return c->client.sock;
+#else
+	(void)c;
+	return -1; /* Debian's library hides it: a vanished long-poller waits for the heartbeat */
+#endif
+}
+
+/* Starts or stops watching a parked GET's socket for the client hanging up. room_lock held. */
+static void get_watch(struct session *s, int fd)
+{
+	if (fd < 0)
+		return;
+	struct epoll_event ev = {.events = EPOLLRDHUP, .data.u64 = epoll_tag(TAG_GET, s->gen, s->index)};
+	if (epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev) == 0)
+		s->get_fd = fd;
+}
+
+static void get_unwatch(struct session *s)
+{
+	if (s->get_fd < 0)
+		return;
+	epoll_ctl(wire_epfd, EPOLL_CTL_DEL, s->get_fd, NULL);
+	s->get_fd = -1;
+}
+
+/* Answers a long-poll GET. Entered with room_lock held; returns with it released. */
+static int poll_get(struct mg_connection *c, struct session *s, const char *headers)
+{
+	if (s->get_active) { /* a second GET at once: Node calls it an overlap and closes */
+		session_close(s, "transport error");
+		room_unlock();
+		return eio_error_reply(c, E_REQUEST);
+	}
+	s->get_active = true;
+	s->users++;
+	get_watch(s, connection_fd(c));
+	/* While a WebSocket probe is under way, a GET is released with noop: at once if it
+	 * was waiting when the probe came, else after 100 ms, as Node's upgrade check does. */
+	bool released = false;
+	while (s->state == S_OPEN && s->transport == POLLING && s->q.count == 0 && !released) {
+		bool probing = s->probed;
+		s->get_parked = true;
+		reap_doomed();
+		if (probing) {
+			struct timespec until;
+			clock_gettime(CLOCK_MONOTONIC, &until);
+			until.tv_nsec += 100 * 1000000L;
+			if (until.tv_nsec >= 1000000000L)
+				until.tv_sec++, until.tv_nsec -= 1000000000L;
+			pthread_cond_timedwait(s->wake, &room_lock, &until);
+		} else {
+			pthread_cond_wait(s->wake, &room_lock);
+		}
+		s->get_parked = false;
+		released = s->probed;
+	}
+	get_unwatch(s);
+
+	struct packet *pk;
+	int n = 0;
+	if (s->state == S_OPEN && s->transport == POLLING && s->q.count) {
+		pk = xmalloc(s->q.count * sizeof *pk);
+		while (s->q.count) {
+			pk[n] = outq_pop(&s->q);
+			s->qbytes -= packet_cost(pk[n]);
+			n++;
+		}
+	} else {
+		/* Closed: a close packet, unless the client closed it. Released for an upgrade: noop. */
+		bool close = s->state != S_OPEN && !s->closed_by_client;
+		pk = xmalloc(sizeof *pk);
+		pk[n++] = (struct packet){blob_of(close ? "1" : "6", 1), false};
+	}
+	s->get_active = false;
+	int eio = s->eio;
+	bool b64 = s->b64;
+	room_unlock();
+
+	struct buf body = {0};
+	bool binary = payload_encode(&body, eio, b64, pk, n);
+	for (int i = 0; i < n; i++)
+		blob_unref(pk[i].blob);
+	free(pk);
+	int status = http_reply(c, 200, binary ? "application/octet-stream" : "text/plain; charset=UTF-8",
+	                        headers, body.p, body.len);
+	buf_free(&body);
+
+	room_lock_acquire();
+	s->users--;
+	session_release(s);
+	room_unlock();
+	return status;
+}
+
+/* Reads a request body of at most `limit` bytes. Returns false if it is larger. */
+static bool read_body(struct mg_connection *c, struct buf *body, long limit)
+{
+	long long declared = mg_get_request_info(c)->content_length;
+	if (declared > limit)
+		return false;
+	char chunk[16384];
+	int n;
+	while ((n = mg_read(c, chunk, sizeof chunk)) > 0) {
+		if ((long)(body->len + (size_t)n) > limit)
+			return false;
+		buf_add(body, chunk, (size_t)n);
+	}
+	return true;
+}
+
+/* Takes a long-poll POST. Entered with room_lock held; returns with it released. */
+static int poll_post(struct mg_connection *c, struct session *s, bool binary_body,
+                     const char *headers)
+{
+	if (s->post_active || (binary_body && s->eio == 4)) {
+		session_close(s, "transport error"); /* a second POST at once, or binary in v4 */
+		room_unlock();
+		return eio_error_reply(c, E_REQUEST);
+	}
+	s->post_active = true;
+	s->users++;
+	long limit = s->ep->max_payload;
+	room_unlock();
+
+	struct buf body = {0};
+	bool too_large = !read_body(c, &body, limit);
+	bool malformed = !too_large &&
+	                 !payload_decode(s, body.p ? body.p : "", body.len, binary_body, eio_receive);
+	buf_free(&body);
+
+	room_lock_acquire();
+	s->post_active = false;
+	if (malformed)
+		session_close(s, "parse error"); /* before answering: the next request sees it closed */
+	s->users--;
+	session_release(s);
+	room_unlock();
+
+	if (too_large) { /* like Node: 413, and the session lives on; the connection does not */
+		http_close_after(c);
+		return http_reply(c, 413, "text/plain", headers, "", 0);
+	}
+	if (malformed)
+		return eio_error_reply(c, E_REQUEST);
+	return http_reply(c, 200, "text/html", headers, "ok", 2);
+}
+
+/* =================================== WebSocket =================================== */
+/*
+ * RFC 6455, server side. civetweb parses the upgrade request; we check it, answer 101,
+ * take the socket from civetweb and hand it to the wire thread. From then on the wire
+ * thread alone reads and writes it, so everything in struct wsconn below the `s` pointer
+ * is the wire thread's own and needs no lock.
+ *
+ * Reading: frames are parsed as bytes arrive; a frame's declared length is checked against
+ * maxPayload before any of it is buffered (over it: close 1009), and only the bytes of an
+ * unfinished frame are kept. Text must be UTF-8 (1007); client frames must be masked, and
+ * RSV bits, unknown opcodes and broken fragmentation are protocol errors (1002).
+ *
+ * Writing: packets move from the session's queue to the socket's small `out` array, and
+ * go out as frames built around the shared blobs -- header and payload in one sendmsg,
+ * many frames at a time. A socket that cannot take more is left for EPOLLOUT; its
+ * session's queue meanwhile grows, up to the limit at which the session is dropped.
+ * Control frames (pong, close, the 3probe answer) go in `ctl`, between whole frames.
+ */
+enum { WS_BATCH = 64, WS_CTL_MAX = 512 };
+enum ws_state { WS_FREE, WS_PROBING, WS_OPEN, WS_CLOSING };
+
+struct wsconn {
+	enum ws_state state;
+	int index;
+	uint32_t gen;
+	int fd;
+	bool lib_worker;  /* a civetweb worker holds the connection until we are done */
+	struct session *s; /* the session it carries or probes; guarded by room_lock */
+
+	int eio;           /* protocol revision of its session */
+	long max_payload;
+	int64_t deadline;  /* probing: upgrade by then; closing: give up on the peer then */
+	bool timed;        /* on the wire's list of sockets with deadlines */
+	struct wsconn *next_timed;
+
+	/* reading */
+	unsigned char *rbuf; /* an unfinished frame */
+	size_t rlen, rcap;
+	struct buf msg;      /* a fragmented message being assembled */
+	int msg_opcode;      /* 0: none in progress */
+
+	/* writing */
+	struct packet out[WS_BATCH]; /* taken from the session queue, in order */
+	int nout;
+	size_t out_off; /* bytes of out[0]'s frame already written */
+	long out_done;  /* cost of packets written since the session was last told */
+	unsigned char ctl[WS_CTL_MAX];
+	size_t ctl_len, ctl_off;
+	bool blocked;   /* the kernel buffer is full; EPOLLOUT is armed */
+	bool shut;      /* closing: our close frame is out, FIN sent */
+};
+
+static struct wsconn wsconns[MAX_WEBSOCKETS];
+static int ws_free[MAX_WEBSOCKETS], ws_nfree; /* guarded by room_lock */
+static pthread_cond_t ws_released = PTHREAD_COND_INITIALIZER;
+static struct wsconn *ws_timed; /* sockets with deadlines; guarded by room_lock */
+
+static void ws_init(void)
+{
+	for (int i = 0; i < MAX_WEBSOCKETS; i++) {
+		wsconns[i].index = i;
+		wsconns[i].fd = -1;
+		ws_free[i] = MAX_WEBSOCKETS - 1 - i;
+	}
+	ws_nfree = MAX_WEBSOCKETS;
+}
+
+/* A free wsconn, or NULL. room_lock held. */
+static struct wsconn *ws_alloc(int fd)
+{
+	if (ws_nfree == 0)
+		return NULL;
+	struct wsconn *ws = &wsconns[ws_free[--ws_nfree]];
+	int index = ws->index;
+	uint32_t gen = ws->gen + 1;
+	memset(ws, 0, sizeof *ws);
+	ws->index = index;
+	ws->gen = gen;
+	ws->fd = fd;
+	return ws;
+}
+
+static size_t ws_frame_header(unsigned char *h, int opcode, size_t len)
+{
+	h[0] = (unsigned char)(0x80 | opcode);
+	if (len < 126) {
+		h[1] = (unsigned char)len;
+		return 2;
+	}
+	if (len < 65536) {
+		h[1] = 126;
+		h[2] = (unsigned char)(len >> 8);
+		h[3] = (unsigned char)len;
+		return 4;
+	}
+	h[1] = 127;
+	for (int i = 0; i < 8; i++)
+		h[2 + i] = (unsigned char)((uint64_t)len >> (56 - 8 * i));
+	return 10;
+}
+
+/* Queues a control frame, or a small text frame like 3probe. Dropped if ctl is full: only
+ * a client that floods pings without reading can make that happen. Wire thread. */
+static void ws_control(struct wsconn *ws, int opcode, const void *payload, size_t len)
+{
+	if (ws->ctl_len + 2 + len > WS_CTL_MAX)
+		return;
+	ws->ctl_len += ws_frame_header(ws->ctl + ws->ctl_len, opcode, len);
+	memcpy(ws->ctl + ws->ctl_len, payload, len);
+	ws->ctl_len += len;
+}
+
+static void ws_set_deadline(struct wsconn *ws, int64_t at)
+{
+	ws->deadline = at;
+	if (!ws->timed) {
+		ws->timed = true;
+		ws->next_timed = ws_timed;
+		ws_timed = ws;
+	}
+}
+
+static void ws_arm_write(struct wsconn *ws, bool on)
+{
+	struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0),
+	                         .data.u64 = epoll_tag(TAG_WS, ws->gen, ws->index)};
+	epoll_ctl(wire_epfd, EPOLL_CTL_MOD, ws->fd, &ev);
+	ws->blocked = on;
+}
+
+/* What one sendmsg will write: pieces of frames and of ctl, in order, and whose they are. */
+enum { PLAN_MAX = 3 * WS_BATCH + 1 };
+struct send_plan {
+	struct iovec iov[PLAN_MAX];
+	int owner[PLAN_MAX]; /* index in out[] of each piece, -1 for ctl */
+	bool last[PLAN_MAX]; /* the piece ends its frame */
+	int n;
+	unsigned char hdr[WS_BATCH][11];
+};
+
+static void plan_piece(struct send_plan *sp, const void *p, size_t len, int owner, bool last)
+{
+	sp->iov[sp->n] = (struct iovec){(void *)p, len};
+	sp->owner[sp->n] = owner;
+	sp->last[sp->n] = last;
+	sp->n++;
+}
+
+static void plan_ctl(struct send_plan *sp, const struct wsconn *ws)
+{
+	if (ws->ctl_len > ws->ctl_off)
+		plan_piece(sp, ws->ctl + ws->ctl_off, ws->ctl_len - ws->ctl_off, -1, false);
+}
+
+/* Frame i: header (with protocol 3's type byte for binary), then the blob, less the bytes
+ * already written if it is the unfinished frame 0. */
+static void plan_frame(struct send_plan *sp, const struct wsconn *ws, int i)
+{
+	const struct packet *p = &ws->out[i];
+	bool v3bin = p->binary && ws->eio == 3;
+	unsigned char *h = sp->hdr[i];
+	size_t hlen = ws_frame_header(h, p->binary ? 2 : 1, p->blob->len + v3bin);
+	if (v3bin)
+		h[hlen++] = 4;
+	size_t skip = i == 0 ? ws->out_off : 0;
+	if (skip < hlen)
+		plan_piece(sp, h + skip, hlen - skip, i, p->blob->len == 0);
+	skip = skip > hlen ? skip - hlen : 0;
+	if (p->blob->len > 0)
+		plan_piece(sp, p->blob->data + skip, p->blob->len - skip, i, true);
+}
+
+/* Advances past n written bytes of the plan: finished packets are released. */
+static void plan_done(struct send_plan *sp, struct wsconn *ws, size_t n)
+{
+	int done = 0;
+	for (int k = 0; k < sp->n; k++) {
+		size_t take = n < sp->iov[k].iov_len ? n : sp->iov[k].iov_len;
+		n -= take;
+		if (sp->owner[k] < 0) {
+			ws->ctl_off += take;
+		} else {
+			ws->out_off += take;
+			if (take == sp->iov[k].iov_len && sp->last[k]) {
+				ws->out_done += packet_cost(ws->out[sp->owner[k]]);
+				blob_unref(ws->out[sp->owner[k]].blob);
+				ws->out_off = 0;
+				done++;
+			}
+		}
+		if (take < sp->iov[k].iov_len)
+			break;
+	}
+	if (ws->ctl_off == ws->ctl_len)
+		ws->ctl_off = ws->ctl_len = 0;
+	memmove(ws->out, ws->out + done, (size_t)(ws->nout - done) * sizeof *ws->out);
+	ws->nout -= done;
+}
+
+/*
+ * Writes what the socket takes: the unfinished frame first, control frames at a frame
+ * boundary, then whole frames, one sendmsg a round. Returns false if the socket is dead.
+ * Wire thread, no lock.
+ */
+static bool ws_send(struct wsconn *ws)
+{
+	while (!ws->blocked && (ws->nout || ws->ctl_len)) {
+		struct send_plan sp;
+		sp.n = 0;
+		int i = 0;
+		if (ws->out_off > 0)
+			plan_frame(&sp, ws, i++);
+		plan_ctl(&sp, ws);
+		for (; i < ws->nout; i++)
+			plan_frame(&sp, ws, i);
+
+		struct msghdr mh = {.msg_iov = sp.iov, .msg_iovlen = (size_t)sp.n};
+		ssize_t n = sendmsg(ws->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				ws_arm_write(ws, true);
+				return true;
+			}
+			return false;
+		}
+		plan_done(&sp, ws, (size_t)n);
+	}
+	return true;
+}
+
+/* Lets go of a socket for good. Wire thread. */
+static void ws_destroy(struct wsconn *ws)
+{
+	epoll_ctl(wire_epfd, EPOLL_CTL_DEL, ws->fd, NULL);
+	for (int i = 0; i < ws->nout; i++)
+		blob_unref(ws->out[i].blob);
+	ws->nout = 0;
+	free(ws->rbuf);
+	buf_free(&ws->msg);
+	if (!ws->lib_worker)
+		close(ws->fd);
+	/* else the civetweb worker that waits for it closes it, as civetweb always does */
+	room_lock_acquire();
+	if (ws->timed) {
+		struct wsconn **pp = &ws_timed;
+		while (*pp != ws)
+			pp = &(*pp)->next_timed;
+		*pp = ws->next_timed;
+		ws->timed = false;
+	}
+	ws->state = WS_FREE;
+	ws_free[ws_nfree++] = ws->index;
+	pthread_cond_broadcast(&ws_released);
+	room_unlock();
+}
+
+/* Unhooks the socket from its session: a transport that goes closes its session, a probe
+ * that goes leaves it on polling. room_lock held. */
+static void ws_detach(struct wsconn *ws, const char *reason)
+{
+	struct session *s = ws->s;
+	if (!s)
+		return;
+	ws->s = NULL;
+	if (s->ws == ws) {
+		s->ws = NULL;
+		session_close(s, reason);
+	} else if (s->probe == ws) {
+		s->probe = NULL;
+		s->probed = false;
+	}
+	session_release(s);
+}
+
+/* The peer is gone, or broke the protocol beyond answering: close at once. Wire thread. */
+static void ws_lost(struct wsconn *ws, const char *reason)
+{
+	room_lock_acquire();
+	ws_detach(ws, reason);
+	room_unlock();
+	ws_destroy(ws);
+}
+
+/*
+ * The closing handshake: our close frame goes out after whatever frame is half written,
+ * the session (if this was its transport) closes now, and the socket lingers until the
+ * peer closes too or CLOSE_LINGER_MS passes. Wire thread.
+ */
+static void ws_close(struct wsconn *ws, int code, const char *reason)
+{
+	if (ws->state == WS_CLOSING)
+		return;
+	room_lock_acquire();
+	ws_detach(ws, reason);
+	ws->state = WS_CLOSING;
+	ws_set_deadline(ws, now_ms() + (stopping ? CLOSE_LINGER_MS / 2 : CLOSE_LINGER_MS));
+	room_unlock();
+	int keep = ws->out_off > 0 ? 1 : 0; /* finish the frame the peer has begun to read */
+	for (int i = keep; i < ws->nout; i++)
+		blob_unref(ws->out[i].blob);
+	ws->nout = keep;
+	ws->ctl_len = ws->ctl_off > 0 ? ws->ctl_len : 0; /* likewise a half-written control */
+	unsigned char payload[2] = {(unsigned char)(code >> 8), (unsigned char)code};
+	ws_control(ws, 0x8, payload, sizeof payload);
+}
+
+/* After a close frame is written, send FIN and wait for the peer's. Wire thread. */
+static void ws_closing_progress(struct wsconn *ws)
+{
+	if (ws->state == WS_CLOSING && !ws->shut && ws->nout == 0 && ws->ctl_len == 0) {
+		shutdown(ws->fd, SHUT_WR);
+		ws->shut = true;
+	}
+}
+
+/* A probe's text message: the upgrade handshake of a polling session. Wire thread. */
+static void ws_probe_message(struct wsconn *ws, const char *data, size_t len)
+{
+	if (len == 6 && memcmp(data, "2probe", 6) == 0) {
+		ws_control(ws, 0x1, "3probe", 6);
+		room_lock_acquire();
+		struct session *s = ws->s;
+		if (s && s->state == S_OPEN) {
+			s->probed = true; /* a parked GET answers noop, and the client pauses polling */
+			pthread_cond_signal(s->wake);
+		}
+		room_unlock();
+		return;
+	}
+	if (len == 1 && data[0] == '5') {
+		room_lock_acquire();
+		struct session *s = ws->s;
+		bool ok = s && s->state == S_OPEN && s->probe == ws;
+		if (ok) {
+			s->probe = NULL;
+			s->ws = ws;
+			s->transport = WEBSOCKET;
+			ws->state = WS_OPEN; /* its upgrade deadline now passes harmlessly */
+			pthread_cond_signal(s->wake); /* a GET still parked answers noop */
+			if (s->q.count)
+				session_kick(s); /* what polling did not take goes out here, in order */
+		}
+		room_unlock();
+		if (!ok)
+			ws_close(ws, 1000, "transport close");
+		return;
+	}
+	ws_close(ws, 1000, "transport close"); /* anything else ends the probe, as in Node */
+}
+
+/* A whole message from the peer. Wire thread. */
+static void ws_message(struct wsconn *ws, bool text, const char *data, size_t len)
+{
+	if (ws->state == WS_PROBING) {
+		if (text)
+			ws_probe_message(ws, data, len);
+		else
+			ws_close(ws, 1003, "transport close");
+		return;
+	}
+	struct session *s = ws->s; /* stable: only this thread detaches it */
+	if (!s)
+		return;
+	bool ok;
+	if (text) {
+		ok = len > 0 && data[0] >= '0' && data[0] <= '6';
+		ok = ok && eio_receive(s, data[0], data + 1, len - 1, false);
+	} else if (ws->eio == 3) {
+		ok = len > 0 && data[0] >= 0 && data[0] <= 6;
+		ok = ok && eio_receive(s, (char)('0' + data[0]), data + 1, len - 1, data[0] == 4);
+	} else {
+		ok = eio_receive(s, '4', data, len, true);
+	}
+	if (!ok) {
+		room_lock_acquire();
+		bool open = s->state == S_OPEN;
+		room_unlock();
+		ws_close(ws, open ? 1002 : 1000, "parse error");
+	}
+}
+
+/* Is this a close frame body the RFC allows? */
+static bool ws_close_payload_ok(const unsigned char *p, size_t len)
+{
+	if (len == 0)
+		return true;
+	if (len == 1)
+		return false;
+	int code = p[0] << 8 | p[1];
+	bool known = (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) ||
+	             (code >= 3000 && code <= 4999);
+	return known && utf8_valid((const char *)p + 2, len - 2);
+}
+
+/* One complete, unmasked frame. Wire thread. */
+static void ws_frame(struct wsconn *ws, bool fin, int op, unsigned char *p, size_t len)
+{
+	switch (op) {
+	case 0x8: /* close: answer with the same code, then linger for the peer's FIN */
+		if (!ws_close_payload_ok(p, len)) {
+			ws_close(ws, 1002, "transport error");
+			return;
+		}
+		ws_close(ws, len >= 2 ? (p[0] << 8 | p[1]) : 1000, "transport close");
+		return;
+	case 0x9:
+		ws_control(ws, 0xA, p, len);
+		return;
+	case 0xA:
+		return;
+	case 0x1:
+	case 0x2:
+		if (ws->msg_opcode) {
+			ws_close(ws, 1002, "transport error"); /* a new message inside a fragmented one */
+			return;
+		}
+		if (!fin) {
+			ws->msg_opcode = op;
+			buf_add(&ws->msg, p, len);
+			return;
+		}
+		break;
+	case 0x0:
+		if (!ws->msg_opcode) {
+			ws_close(ws, 1002, "transport error"); /* a continuation of nothing */
+			return;
+		}
+		buf_add(&ws->msg, p, len);
+		if (!fin)
+			return;
+		op = ws->msg_opcode;
+		p = (unsigned char *)ws->msg.p;
+		len = ws->msg.len;
+		break;
+	}
+	bool text = op == 0x1;
+	if (text && !utf8_valid((const char *)p, len)) {
+		ws_close(ws, 1007, "transport error");
+		return;
+	}
+	ws_message(ws, text, (const char *)p, len);
+	if (ws->msg_opcode) {
+		ws->msg_opcode = 0;
+		ws->msg.len = 0;
+		if (ws->msg.cap > 65536)
+			buf_free(&ws->msg);
+	}
+}
+
+/*
+ * Parses frames in p[0..n). Returns how many bytes it used; the rest is an unfinished
+ * frame. Stops early once the socket is closing. Wire thread.
+ */
+static size_t ws_parse(struct wsconn *ws, unsigned char *p, size_t n)
+{
+	size_t used = 0;
+	while (ws->state == WS_OPEN || ws->state == WS_PROBING) {
+		unsigned char *f = p + used;
+		size_t avail = n - used;
+		if (avail < 2)
+			break;
+		bool fin = f[0] & 0x80, masked = f[1] & 0x80;
+		int op = f[0] & 0x0F, len7 = f[1] & 0x7F;
+		bool control = op & 0x8;
+		if ((f[0] & 0x70) || !masked || (op > 0x2 && op < 0x8) || op > 0xA ||
+		    (control && (!fin || len7 > 125))) {
+			ws_close(ws, 1002, "transport error");
+			break;
+		}
+		size_t hlen = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + 4;
+		if (avail < hlen)
+			break;
+		uint64_t len = (uint64_t)len7;
+		if (len7 == 126)
+			len = (uint64_t)f[2] << 8 | f[3];
+		else if (len7 == 127)
+			for (int i = 0; i < 8; i++)
+				len = (i ? len << 8 : 0) | f[2 + i];
+		uint64_t total = len + (op == 0 ? ws->msg.len : 0);
+		if (!control && total > (uint64_t)ws->max_payload) {
+			ws_close(ws, 1009, "transport error"); /* before buffering any of it */
+			break;
+		}
+		if (avail - hlen < len)
+			break;
+		unsigned char *mask = f + hlen - 4, *payload = f + hlen;
+		for (uint64_t i = 0; i < len; i++)
+			payload[i] ^= mask[i & 3];
+		used += hlen + (size_t)len;
+		ws_frame(ws, fin, op, payload, (size_t)len);
+	}
+	return used;
+}
+
+/* The socket is readable. Wire thread. */
+static void ws_read(struct wsconn *ws)
+{
+	static unsigned char scratch[1 << 16]; /* the wire thread's alone */
+	ssize_t n = recv(ws->fd, scratch, sizeof scratch, MSG_DONTWAIT);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		return;
+	if (n <= 0) {
+		if (ws->state == WS_CLOSING)
+			ws_destroy(ws);
+		else
+			ws_lost(ws, n == 0 ? "transport close" : "transport error");
+		return;
+	}
+	if (ws->state == WS_CLOSING)
+		return; /* after our close frame, input is only drained */
+
+	unsigned char *p = scratch;
+	size_t len = (size_t)n;
+	if (ws->rlen) { /* complete the unfinished frame */
+		if (ws->rlen + len > ws->rcap) {
+			ws->rcap = ws->rlen + len > 2 * ws->rcap ? ws->rlen + len : 2 * ws->rcap;
+			ws->rbuf = xrealloc(ws->rbuf, ws->rcap);
+		}
+		memcpy(ws->rbuf + ws->rlen, scratch, len);
+		p = ws->rbuf;
+		len += ws->rlen;
+	}
+	size_t used = ws_parse(ws, p, len);
+	size_t rest = ws->state == WS_CLOSING ? 0 : len - used;
+	if (rest > ws->rcap) {
+		size_t cap = rest < 4096 ? 4096 : rest;
+		unsigned char *nb = xmalloc(cap);
+		memcpy(nb, p + used, rest);
+		free(ws->rbuf);
+		ws->rbuf = nb;
+		ws->rcap = cap;
+	} else if (rest > 0) {
+		memmove(ws->rbuf, p + used, rest);
+	}
+	ws->rlen = rest;
+	if (rest == 0 && ws->rcap > 65536) { /* give back the room a big message took */
+		free(ws->rbuf);
+		ws->rbuf = NULL;
+		ws->rcap = 0;
+	}
+}
+
+/* ------------------------------- the wire thread ------------------------------- */
+/*
+ * One epoll loop owns every WebSocket. Each round it fires due heartbeat timers, handles
+ * socket events, and writes the queues that were marked dirty -- by a broadcast on any
+ * thread, by a timer, by a socket that can take more. Other threads wake it through an
+ * eventfd, at most once per round.
+ */
+static struct {
+	int evfd;
+	atomic_bool woken;
+	pthread_t thread;
+} wire;
+
+static void wire_wake(void)
+{
+	if (!atomic_exchange(&wire.woken, true)) {
+		uint64_t one = 1;
+		ssize_t w = write(wire.evfd, &one, sizeof one);
+		(void)w;
+	}
+}
+
+/* Writes the queues marked dirty, a batch of sessions at a time. */
+static void wire_flush(void)
+{
+	enum { BATCH = 256 };
+	for (;;) {
+		struct wsconn *writers[BATCH], *closers[2 * BATCH];
+		uint32_t wgen[BATCH];
+		int nw = 0, nc = 0;
+		room_lock_acquire();
+		while (dirty_head && nw < BATCH && nc < BATCH) {
+			struct session *s = dirty_head;
+			dirty_head = s->next_dirty;
+			s->dirty = false;
+			if (s->state != S_OPEN) {
+				if (s->ws)
+					closers[nc++] = s->ws;
+				if (s->probe)
+					closers[nc++] = s->probe;
+			} else if (s->ws && !s->ws->blocked) {
+				struct wsconn *ws = s->ws;
+				while (ws->nout < WS_BATCH && s->q.count)
+					ws->out[ws->nout++] = outq_pop(&s->q);
+				wgen[nw] = ws->gen;
+				writers[nw++] = ws;
+			}
+			session_release(s);
+		}
+		bool more = dirty_head != NULL;
+		room_unlock();
+
+		for (int i = 0; i < nc; i++)
+			ws_close(closers[i], stopping ? 1001 : 1000, "server close");
+		for (int i = 0; i < nc; i++)
+			if (!ws_send(closers[i]))
+				ws_lost(closers[i], "transport error");
+			else
+				ws_closing_progress(closers[i]);
+		for (int i = 0; i < nw; i++)
+			if (!ws_send(writers[i]))
+				ws_lost(writers[i], "transport error");
+
+		room_lock_acquire();
+		for (int i = 0; i < nw; i++) {
+			struct wsconn *ws = writers[i];
+			struct session *s = ws->s;
+			if (ws->gen != wgen[i] || ws->state != WS_OPEN || !s)
+				continue;
+			s->qbytes -= ws->out_done;
+			ws->out_done = 0;
+			if (s->q.count && !ws->blocked)
+				session_kick(s); /* more than one batch was waiting */
+		}
+		room_unlock();
+		if (!more)
+			break;
+	}
+}
+
+/* A socket can take more bytes again. */
+static void wire_writable(struct wsconn *ws)
+{
+	ws_arm_write(ws, false);
+	if (ws->state == WS_CLOSING) {
+		if (!ws_send(ws))
+			ws_destroy(ws);
+		else
+			ws_closing_progress(ws);
+		return;
+	}
+	if (!ws_send(ws)) { /* the control frames and the unfinished frame first */
+		ws_lost(ws, "transport error");
+		return;
+	}
+	room_lock_acquire();
+	if (ws->s && ws->s->state == S_OPEN && ws->s->ws == ws)
+		session_kick(ws->s);
+	room_unlock();
+}
+
+/* A parked GET's client hung up: that ends its session, as in Node. */
+static void wire_get_hangup(uint32_t gen, int index)
+{
+	room_lock_acquire();
+	struct session *s = &sessions[index];
+	if ((s->gen & 0xFFFFFF) == gen && s->state == S_OPEN && s->get_fd >= 0) {
+		get_unwatch(s);
+		session_close(s, "transport error");
+	}
+	room_unlock();
+}
+
+/* Sockets past their deadline: a probe that never upgraded, a close that lingered.
+ * Returns ms until the next deadline, or -1. */
+static int wire_deadlines(int64_t now)
+{
+	struct wsconn *due[64];
+	int n = 0, wait = -1;
+	room_lock_acquire();
+	for (struct wsconn *ws = ws_timed; ws; ws = ws->next_timed) {
+		if (ws->state == WS_OPEN)
+			continue;
+		if (ws->deadline <= now) {
+			if (n < 64)
+				due[n++] = ws;
+		} else if (wait < 0 || ws->deadline - now < wait) {
+			wait = (int)(ws->deadline - now);
+		}
+	}
+	/* an open socket's old probe deadline no longer matters */
+	for (struct wsconn **pp = &ws_timed; *pp;) {
+		if ((*pp)->state == WS_OPEN) {
+			(*pp)->timed = false;
+			*pp = (*pp)->next_timed;
+		} else {
+			pp = &(*pp)->next_timed;
+		}
+	}
+	room_unlock();
+	for (int i = 0; i < n; i++) {
+		if (due[i]->state == WS_PROBING)
+			ws_close(due[i], 1000, "upgrade timeout");
+		else
+			ws_destroy(due[i]);
+	}
+	return n == 64 ? 0 : wait;
+}
+
+static void *wire_main(void *arg)
+{
+	(void)arg;
+	struct epoll_event ev[256];
+	for (;;) {
+		room_lock_acquire();
+		int64_t now = now_ms();
+		struct session *due;
+		while ((due = timer_due(now)))
+			eio_timer_fire(due, now);
+		int wait = timer_wait_ms(now);
+		bool quit = stopping && ws_nfree == MAX_WEBSOCKETS;
+		room_unlock();
+		if (quit)
+			break;
+		int wait_ws = wire_deadlines(now);
+		if (wait_ws >= 0 && (wait < 0 || wait_ws < wait))
+			wait = wait_ws;
+		wire_flush();
+		if (stopping && (wait < 0 || wait > 50))
+			wait = 50;
+
+		int n = epoll_wait(wire_epfd, ev, 256, wait);
+		for (int i = 0; i < n; i++) {
+			uint64_t tag = ev[i].data.u64;
+			int kind = (int)(tag >> 56), index = (int)(uint32_t)tag;
+			uint32_t gen = (uint32_t)(tag >> 32) & 0xFFFFFF;
+			if (kind == TAG_WAKE) {
+				uint64_t count;
+				ssize_t r = read(wire.evfd, &count, sizeof count);
+				(void)r;
+				atomic_store(&wire.woken, false);
+			} else if (kind == TAG_GET) {
+				wire_get_hangup(gen, index);
+			} else if (kind == TAG_WS) {
+				struct wsconn *ws = &wsconns[index];
+				if (ws->state == WS_FREE || (ws->gen & 0xFFFFFF) != gen)
+					continue; /* an event for a socket already let go of */
+				if (ev[i].events & EPOLLOUT)
+					wire_writable(ws);
+				if (ws->state != WS_FREE && (ws->gen & 0xFFFFFF) == gen &&
+				    (ev[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+					ws_read(ws);
+				/* answers to what it read: pongs, 3probe, a close frame */
+				if (ws->state != WS_FREE && (ws->gen & 0xFFFFFF) == gen && ws->ctl_len) {
+					if (!ws_send(ws))
+						ws_lost(ws, "transport error");
+					else
+						ws_closing_progress(ws);
+				}
+			}
+		}
+		wire_flush();
+	}
+	return NULL;
+}
+
+/* ---------------------------- the opening handshake ---------------------------- */
+
+#if CIVETWEB_EMBEDDED
+/* Takes the socket from civetweb: the worker goes back to the pool at once, and civetweb,
+ * finding no socket, has nothing to close. Bytes the client sent after its request cannot
+ * be waiting in civetweb's buffer: a WebSocket client waits for our 101 first. */
+static int take_socket(struct mg_connection *c, bool *worker_waits)
+{
+	mg_lock_connection(c);
+	int fd = c->client.sock;
+	c->client.sock = INVALID_SOCKET;
+	c->must_close = 1;
+	mg_unlock_connection(c);
+	*worker_waits = false;
+	return fd;
+}
+#else
+/* Debian's libcivetweb hides its connection struct: find our socket among the open file
+ * descriptors by the addresses civetweb reports. The worker then holds the connection
+ * until the wire thread is done with it; civetweb closes it afterwards, as usual. */
+static int take_socket(struct mg_connection *c, bool *worker_waits)
+{
+	const struct mg_request_info *ri = mg_get_request_info(c);
+	*worker_waits = true;
+	DIR *d = opendir("/proc/self/fd");
+	if (!d)
+		return -1;
+	int found = -1;
+	struct dirent *e;
+	while (found < 0 && (e = readdir(d))) {
+		int fd = atoi(e->d_name);
+		struct sockaddr_storage peer, local;
+		socklen_t pl = sizeof peer, ll = sizeof local;
+		if (fd <= 2 || getpeername(fd, (struct sockaddr *)&peer, &pl) != 0 ||
+		    getsockname(fd, (struct sockaddr *)&local, &ll) != 0)
+			continue;
+		char addr[INET6_ADDRSTRLEN] = "";
+		int pport = 0, lport = 0;
+		if (peer.ss_family == AF_INET) {
+			struct sockaddr_in *p4 = (struct sockaddr_in *)&peer;
+			inet_ntop(AF_INET, &p4->sin_addr, addr, sizeof addr);
+			pport = ntohs(p4->sin_port);
+			lport = ntohs(((struct sockaddr_in *)&local)->sin_port);
+		} else if (peer.ss_family == AF_INET6) {
+			struct sockaddr_in6 *p6 = (struct sockaddr_in6 *)&peer;
+			inet_ntop(AF_INET6, &p6->sin6_addr, addr, sizeof addr);
+			pport = ntohs(p6->sin6_port);
+			lport = ntohs(((struct sockaddr_in6 *)&local)->sin6_port);
+		}
+		if (pport == ri->remote_port && lport == ri->server_port &&
+		    strcmp(addr, ri->remote_addr) == 0)
+			found = fd;
+	}
+	closedir(d);
+	return found;
+}
+#endif
+
+/* Sec-WebSocket-Accept: base64(SHA-1(key + the RFC's GUID)). */
+static void ws_accept_key(const char *key, char out[29])
+{
+	char joined[128];
+	int n = snprintf(joined, sizeof joined, "%s258EAFA5-E914-47DA-95CA-C5AB0DC85B11", key);
+	unsigned char digest[20];
+	sha1(joined, (size_t)n, digest);
+	struct buf b = {0};
+	base64_encode(&b, digest, 20);
+	memcpy(out, b.p, 28);
+	out[28] = 0;
+	buf_free(&b);
+}
+
+/* Does this request ask for a WebSocket? */
+static bool is_websocket_upgrade(struct mg_connection *c)
+{
+	const char *upgrade = mg_get_header(c, "Upgrade");
+	const char *connection = mg_get_header(c, "Connection");
+	return upgrade && connection && strcasestr(upgrade, "websocket") &&
+	       strcasestr(connection, "upgrade");
+}
+
+/*
+ * Completes a WebSocket upgrade for an Engine.IO request the caller has checked: with
+ * `sid` it probes an existing polling session, without it opens a session of its own.
+ */
+static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int eio,
+                      const char *sid, const char *headers)
+{
+	const char *key = mg_get_header(c, "Sec-WebSocket-Key");
+	const char *version = mg_get_header(c, "Sec-WebSocket-Version");
+	if (!key || strlen(key) != 24 || !version || strcmp(version, "13") != 0 ||
+	    strcmp(mg_get_request_info(c)->request_method, "GET") != 0)
+		return eio_error_reply(c, E_REQUEST);
+
+	room_lock_acquire();
+	struct wsconn *ws = stopping ? NULL : ws_alloc(-1);
+	bool room = sid || sessions_open < session_capacity;
+	if (!ws || !room) {
+		if (ws) {
+			ws->state = WS_FREE;
+			ws_free[ws_nfree++] = ws->index;
+		}
+		room_unlock();
+		return http_reply(c, 503, "application/json", headers,
+		                  "{\"code\":3,\"message\":\"server full\"}", 35);
+	}
+	ws->state = WS_PROBING; /* reserved; not yet known to the wire thread */
+	room_unlock();
+
+	char accept[29];
+	ws_accept_key(key, accept);
+	char head[256];
+	int n = snprintf(head, sizeof head,
+	                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+	                 "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
+	                 accept, headers ? headers : "");
+	bool worker_waits = false;
+	int fd = -1;
+	if (mg_write(c, head, (size_t)n) == n)
+		fd = take_socket(c, &worker_waits);
+
+	room_lock_acquire();
+	struct session *s = NULL;
+	if (fd >= 0 && !stopping) {
+		if (sid) {
+			s = session_find(sid);
+			if (s && (s->transport != POLLING || s->probe || s->eio != eio))
+				s = NULL;
+		} else {
+			s = eio_open(ep, eio, WEBSOCKET, false);
+		}
+	}
+	if (!s) {
+		/* The session went, or filled up, between our check and now. */
+		ws->state = WS_FREE;
+		ws_free[ws_nfree++] = ws->index;
+		room_unlock();
+		if (fd >= 0 && !worker_waits)
+			close(fd);
+		http_close_after(c);
+		return 101;
+	}
+	int flags = fcntl(fd, F_GETFL);
+	fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	ws->fd = fd;
+	ws->lib_worker = worker_waits;
+	ws->s = s;
+	ws->eio = eio;
+	ws->max_payload = ep->max_payload;
+	if (sid) {
+		s->probe = ws;
+		ws->state = WS_PROBING;
+		ws_set_deadline(ws, now_ms() + UPGRADE_TIMEOUT_MS);
+	} else {
+		s->ws = ws;
+		ws->state = WS_OPEN;
+	}
+	struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP,
+	                         .data.u64 = epoll_tag(TAG_WS, ws->gen, ws->index)};
+	epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev);
+	uint32_t gen = ws->gen;
+	while (worker_waits && ws->gen == gen && ws->state != WS_FREE) {
+		reap_doomed();
+		pthread_cond_wait(&ws_released, &room_lock); /* Debian's library: hold the line */
+	}
+	room_unlock();
+	return 101;
+}
+
+/* =================================== Socket.IO =================================== */
+/*
+ * Socket.IO packets ride in Engine.IO messages:
+ *
+ *   <type>[<attachments>-][<namespace>,][<ack id>][<JSON>]
+ *
+ * with types 0 CONNECT, 1 DISCONNECT, 2 EVENT, 3 ACK, 4 CONNECT_ERROR, 5 BINARY_EVENT and
+ * 6 BINARY_ACK; "/" is the namespace when none is written. A binary packet's JSON holds
+ * {"_placeholder":true,"num":N} where each binary value was, and its attachments follow
+ * as binary Engine.IO messages; the packet is complete when the last one has arrived.
+ *
+ * Engine.IO 4 clients speak Socket.IO protocol 5. Engine.IO 3 clients (socket.io-client
+ * 2) speak protocol 4: they are connected to "/" without asking, the CONNECT answer
+ * carries no sid, and CONNECT_ERROR carries a bare string.
+ *
+ * Namespaces are served by handlers registered at start-up; a session's sockets are the
+ * slots of its nsp[] array, one per registered namespace. Anything malformed closes the
+ * session, as Node's parser does; a CONNECT to a namespace nobody serves is refused.
+ */
+enum { SIO_CONNECT, SIO_DISCONNECT, SIO_EVENT, SIO_ACK, SIO_CONNECT_ERROR, SIO_BINARY_EVENT,
+       SIO_BINARY_ACK };
+
+struct sio_packet {
+	int type;
+	int attachments;
+	char nsp[NSP_MAX + 1];
+	int64_t ack; /* -1: no acknowledgement asked */
+	struct json_span json; /* the payload, possibly empty */
+	struct json_shape shape;
+	json_t *auth; /* CONNECT: the parsed payload, or NULL */
+};
+
+/* What a namespace does. Called with room_lock held. */
+struct sio_handler {
+	const char *name;
+	/* A client asks to join: NULL lets it in, anything else is the refusal's message. */
+	const char *(*admit)(struct session *s, int slot, const json_t *auth);
+	/* It is in: the CONNECT answer is queued already, so anything sent now comes after. */
+	void (*on_connect)(struct session *s, int slot, const json_t *auth);
+	void (*on_event)(struct session *s, int slot, const struct sio_packet *p,
+	                 struct blob *const *attachments);
+	void (*on_disconnect)(struct session *s, int slot, const char *reason);
+};
+
+static const struct sio_handler *namespaces[MAX_NAMESPACES];
+static int n_namespaces;
+
+static void sio_register(const struct sio_handler *h) { namespaces[n_namespaces++] = h; }
+
+static int sio_slot(const char *nsp)
+{
+	for (int i = 0; i < n_namespaces; i++)
+		if (strcmp(namespaces[i]->name, nsp) == 0)
+			return i;
+	return -1;
+}
+
+/* Starts an outgoing packet: "4" (an Engine.IO message), the type, the attachment count,
+ * the namespace unless it is "/", the ack id. The caller appends the JSON. */
+static void sio_head(struct buf *b, int type, const char *nsp, int attachments, int64_t ack)
+{
+	buf_addc(b, '4');
+	buf_addc(b, (char)('0' + type));
+	if (type == SIO_BINARY_EVENT || type == SIO_BINARY_ACK)
+		buf_printf(b, "%d-", attachments);
+	if (strcmp(nsp, "/") != 0) {
+		buf_adds(b, nsp);
+		buf_addc(b, ',');
+	}
+	if (ack >= 0)
+		buf_printf(b, "%lld", (long long)ack);
+}
+
+static struct blob *blob_from_buf(struct buf *b)
+{
+	struct blob *blob = blob_of(b->p ? b->p : "", b->len);
+	buf_free(b);
+	return blob;
+}
+
+/* Sends a whole packet: the JSON is given as text (may be empty). room_lock held. */
+static void sio_send(struct session *s, int type, const char *nsp, int64_t ack,
+                     const char *json, size_t json_len)
+{
+	struct buf b = {0};
+	sio_head(&b, type, nsp, 0, ack);
+	buf_add(&b, json, json_len);
+	struct blob *blob = blob_from_buf(&b);
+	session_send(s, blob, false);
+	blob_unref(blob);
+}
+
+/* Sends a packet and its binary attachments, shared blobs all. room_lock held. */
+static void sio_send_blobs(struct session *s, struct blob *head, struct blob *const *att, int n)
+{
+	session_send(s, head, false);
+	for (int i = 0; i < n; i++)
+		session_send(s, att[i], true);
+}
+
+/* Reads a decimal number of at most max_digits digits at d[*i]. */
+static bool read_number(const char *d, size_t n, size_t *i, int max_digits, int64_t *out)
+{
+	int64_t v = 0;
+	int digits = 0;
+	while (*i < n && d[*i] >= '0' && d[*i] <= '9') {
+		if (++digits > max_digits)
+			return false;
+		v = v * 10 + (d[(*i)++] - '0');
+	}
+	*out = v;
+	return digits > 0;
+}
+
+static bool is_reserved_event(struct json_span name)
+{
+	static const char *const reserved[] = {"connect", "connect_error", "disconnect",
+	                                       "disconnecting", "newListener", "removeListener"};
+	char buf[32];
+	int n = json_string_text(name, buf, sizeof buf - 1);
+	if (n < 0)
+		return false;
+	buf[n] = 0;
+	for (size_t i = 0; i < sizeof reserved / sizeof *reserved; i++)
+		if (strcmp(buf, reserved[i]) == 0)
+			return true;
+	return false;
+}
+
+/* Parses and checks a Socket.IO packet, as Node's socket.io-parser would accept it. */
+static bool sio_parse(const char *d, size_t n, struct sio_packet *p)
+{
+	memset(p, 0, sizeof *p);
+	p->ack = -1;
+	if (n < 1 || d[0] < '0' || d[0] > '6')
+		return false;
+	p->type = d[0] - '0';
+	size_t i = 1;
+	int64_t v;
+	if (p->type == SIO_BINARY_EVENT || p->type == SIO_BINARY_ACK) {
+		if (!read_number(d, n, &i, 3, &v) || v < 1 || v > MAX_ATTACHMENTS || i >= n || d[i] != '-')
+			return false;
+		p->attachments = (int)v;
+		i++;
+	}
+	if (i < n && d[i] == '/') {
+		size_t start = i;
+		while (i < n && d[i] != ',')
+			i++;
+		size_t len = i - start;
+		const char *q = memchr(d + start, '?', len); /* protocol 4 may add a query */
+		if (q)
+			len = (size_t)(q - (d + start));
+		if (len > NSP_MAX || memchr(d + start, 0, len))
+			return false;
+		memcpy(p->nsp, d + start, len);
+		p->nsp[len] = 0;
+		if (i < n)
+			i++; /* the comma */
+	} else {
+		strcpy(p->nsp, "/");
+	}
+	if (i < n && d[i] >= '0' && d[i] <= '9') {
+		if (!read_number(d, n, &i, 15, &p->ack))
+			return false;
+	}
+	p->json = (struct json_span){d + i, n - i};
+	bool has_json = p->json.n > 0;
+	if (has_json && !json_check(p->json.p, p->json.n, &p->shape))
+		return false;
+	switch (p->type) {
+	case SIO_CONNECT:
+		return !has_json || p->shape.kind == '{';
+	case SIO_DISCONNECT:
+		return !has_json;
+	case SIO_EVENT:
+	case SIO_BINARY_EVENT:
+		return has_json && p->shape.kind == '[' && p->shape.count >= 1 &&
+		       p->shape.item[0].p[0] == '"' && !is_reserved_event(p->shape.item[0]);
+	case SIO_ACK:
+	case SIO_BINARY_ACK:
+		return has_json && p->shape.kind == '[' && p->ack >= 0;
+	default: /* CONNECT_ERROR is the server's to send */
+		return false;
+	}
+}
+
+/* Do the placeholders of a binary packet point at attachments that exist? A receiver's
+ * parser would throw on one that does not, so such a packet must never be relayed. */
+static bool placeholders_ok(const json_t *v, int attachments)
+{
+	if (json_is_array(v)) {
+		for (size_t i = 0; i < json_array_size(v); i++)
+			if (!placeholders_ok(json_array_get(v, i), attachments))
+				return false;
+	} else if (json_is_object(v)) {
+		const json_t *ph = json_object_get(v, "_placeholder");
+		if (ph) {
+			const json_t *num = json_object_get(v, "num");
+			double k = json_is_number(num) ? json_number_value(num) : -1;
+			return json_is_true(ph) && k >= 0 && k < attachments && k == (double)(int)k;
+		}
+		const char *key;
+		const json_t *val;
+		json_object_foreach((json_t *)v, key, val)
+			if (!placeholders_ok(val, attachments))
+				return false;
+	}
+	return true;
+}
+
+/* The session's socket id in a namespace, as Node names it. */
+static void sio_make_sid(struct session *s, int slot)
+{
+	struct sio_socket *sk = &s->nsp[slot];
+	if (s->eio == 4)
+		make_sid(sk->sid);
+	else if (strcmp(namespaces[slot]->name, "/") == 0)
+		snprintf(sk->sid, sizeof sk->sid, "%s", s->sid);
+	else
+		snprintf(sk->sid, sizeof sk->sid, "%s#%s", namespaces[slot]->name, s->sid);
+}
+
+static void sio_refuse(struct session *s, const char *nsp, const char *message)
+{
+	struct buf b = {0};
+	if (s->eio == 4)
+		buf_adds(&b, "{\"message\":");
+	json_put_string(&b, message);
+	if (s->eio == 4)
+		buf_addc(&b, '}');
+	sio_send(s, SIO_CONNECT_ERROR, nsp, -1, b.p, b.len);
+	buf_free(&b);
+}
+
+/* A CONNECT. room_lock held. */
+static void sio_connect(struct session *s, const char *nsp, const json_t *auth)
+{
+	int slot = sio_slot(nsp);
+	if (slot < 0) {
+		sio_refuse(s, nsp, "Invalid namespace");
+		return;
+	}
+	struct sio_socket *sk = &s->nsp[slot];
+	if (!sk->connected) {
+		const char *refusal = namespaces[slot]->admit(s, slot, auth);
+		if (refusal) {
+			sio_refuse(s, nsp, refusal);
+			return;
+		}
+		sio_make_sid(s, slot);
+	}
+	if (s->eio == 4) {
+		char json[64 + SID_LEN];
+		int n = snprintf(json, sizeof json, "{\"sid\":\"%s\"}", sk->sid);
+		sio_send(s, SIO_CONNECT, nsp, -1, json, (size_t)n);
+	} else {
+		sio_send(s, SIO_CONNECT, nsp, -1, "", 0);
+	}
+	if (!sk->connected) { /* a repeated CONNECT is only answered again */
+		sk->connected = true;
+		namespaces[slot]->on_connect(s, slot, auth);
+	}
+}
+
+static void sio_leave(struct session *s, int slot, const char *reason)
+{
+	if (!s->nsp[slot].connected)
+		return;
+	s->nsp[slot].connected = false;
+	namespaces[slot]->on_disconnect(s, slot, reason);
+}
+
+static void sio_pending_clear(struct session *s)
+{
+	struct sio_pending *pd = &s->pending;
+	blob_unref(pd->header);
+	for (int i = 0; i < pd->received; i++)
+		blob_unref(pd->att[i]);
+	memset(pd, 0, sizeof *pd);
+}
+
+/* A whole packet, attachments and all. room_lock held. */
+static void sio_dispatch(struct session *s, struct sio_packet *p, struct blob *const *att)
+{
+	if (p->type == SIO_CONNECT) {
+		sio_connect(s, p->nsp, p->auth);
+		return;
+	}
+	int slot = sio_slot(p->nsp);
+	if (slot < 0 || !s->nsp[slot].connected)
+		return; /* not joined there: ignored, as Node does */
+	if (p->type == SIO_DISCONNECT)
+		sio_leave(s, slot, "client namespace disconnect");
+	else if (p->type == SIO_EVENT || p->type == SIO_BINARY_EVENT)
+		namespaces[slot]->on_event(s, slot, p, att);
+	/* ACKs: our namespaces never ask clients for one */
+}
+
+static void sio_fail(struct session *s, const char *reason)
+{
+	room_lock_acquire();
+	session_close(s, reason);
+	room_unlock();
+}
+
+/* An attachment of the pending binary packet. room_lock NOT held. */
+static void sio_attachment(struct session *s, const char *data, size_t len)
+{
+	room_lock_acquire();
+	struct sio_pending *pd = &s->pending;
+	if (s->state != S_OPEN) {
+		room_unlock();
+		return;
+	}
+	if (!pd->active) {
+		session_close(s, "parse error"); /* binary data when no packet expects it */
+		room_unlock();
+		return;
+	}
+	long total = (long)len;
+	for (int i = 0; i < pd->received; i++)
+		total += (long)pd->att[i]->len;
+	if (total + (long)pd->header->len > opt.queue_limit / 2) {
+		session_close(s, "parse error"); /* could never be delivered to anyone */
+		room_unlock();
+		return;
+	}
+	pd->att[pd->received++] = blob_of(data, len);
+	if (pd->received == pd->expected) {
+		struct sio_packet p;
+		if (sio_parse(pd->header->data, pd->header->len, &p))
+			sio_dispatch(s, &p, pd->att);
+		sio_pending_clear(s);
+	}
+	room_unlock();
+}
+
+/* Engine.IO hands us a message. Parse and check here, without the lock; act under it. */
+static void sio_on_message(struct session *s, const char *data, size_t len, bool binary)
+{
+	if (binary) {
+		sio_attachment(s, data, len);
+		return;
+	}
+	struct sio_packet p;
+	if (!sio_parse(data, len, &p)) {
+		sio_fail(s, "parse error");
+		return;
+	}
+	if (p.type == SIO_CONNECT && p.json.n > 0)
+		p.auth = json_parse(p.json.p, p.json.n, 0);
+	if (p.attachments > 0) {
+		json_t *tree = json_parse(p.json.p, p.json.n, JSON_DECODE_INT_AS_REAL);
+		bool ok = tree && placeholders_ok(tree, p.attachments);
+		json_decref(tree);
+		if (!ok) {
+			sio_fail(s, "parse error");
+			return;
+		}
+	}
+	room_lock_acquire();
+	if (s->state != S_OPEN) {
+		/* closed meanwhile */
+	} else if (s->pending.active) {
+		session_close(s, "parse error"); /* text while attachments were due */
+	} else if (p.attachments > 0) {
+		s->pending = (struct sio_pending){
+			.active = true, .expected = p.attachments, .header = blob_of(data, len)};
+	} else {
+		sio_dispatch(s, &p, NULL);
+	}
+	room_unlock();
+	json_decref(p.auth);
+}
+
+/* Engine.IO 3 clients are in "/" from the start. */
+static void sio_on_open(struct session *s)
+{
+	if (s->eio == 3 && sio_slot("/") >= 0)
+		sio_connect(s, "/", NULL);
+}
+
+static void sio_on_close(struct session *s)
+{
+	for (int i = 0; i < n_namespaces; i++)
+		sio_leave(s, i, s->close_reason);
+	sio_pending_clear(s);
+}
+
+/* A session must join some namespace within CONNECT_TIMEOUT_MS, as in Node. */
+static void sio_on_heartbeat(struct session *s, int64_t now)
+{
+	for (int i = 0; i < n_namespaces; i++)
+		if (s->nsp[i].connected)
+			return;
+	if (now - s->opened_at >= CONNECT_TIMEOUT_MS)
+		session_doom(s, "connect timeout");
+}
+
+static const struct eio_app socketio_app = {
+	.on_open = sio_on_open,
+	.on_close = sio_on_close,
+	.on_message = sio_on_message,
+	.on_heartbeat = sio_on_heartbeat,
+};
+
+/* ================================= the chat room ================================= */
+/*
+ * The room is the namespace "/" and one event, "msg". Its contract, kept exactly:
+ *
+ *   join   the client gets a free nickname, and everyone, the newcomer included, gets
+ *          ["msg", {"username": NAME, "action": "login", "name_list": [[NAME, SID], ...]}]
+ *          with name_list in the order people joined; the newcomer's own login is the first
+ *          msg it sees after its CONNECT answer.
+ *   leave  for any reason: the name is freed and the others get
+ *          ["msg", {"action": "logout", "username": NAME, "name_list": [...]}].
+ *   talk   ["msg", DATA] from a client goes to everyone as sent, except that an object's
+ *          "username" becomes the sender's nickname; acknowledged when asked.
+ *
+ * Every broadcast is built once and queued to every member under room_lock, so all see
+ * the room's events in one order.
+ */
+static struct {
+	int members[MAX_CLIENTS]; /* session slots, in the order they joined */
+	int count;
+} room;
+
+static struct session *member(int i) { return &sessions[room.members[i]]; }
+
+/* [[NAME, SID], ...] for everyone in the room. */
+static void put_name_list(struct buf *b)
+{
+	buf_addc(b, '[');
+	for (int i = 0; i < room.count; i++) {
+		struct session *m = member(i);
+		buf_adds(b, i ? ",[" : "[");
+		json_put_string(b, m->nick);
+		buf_addc(b, ',');
+		json_put_string(b, m->nsp[0].sid);
+		buf_addc(b, ']');
+	}
+	buf_addc(b, ']');
+}
+
+/* Queues one packet (and its attachments) to everyone in the room. */
+static void room_broadcast(struct blob *head, struct blob *const *att, int natt)
+{
+	for (int i = 0; i < room.count; i++)
+		sio_send_blobs(member(i), head, att, natt);
+}
+
+/* Broadcasts a login or logout of `who`. */
+static void room_announce(const char *action, const char *who)
+{
+	struct buf b = {0};
+	sio_head(&b, SIO_EVENT, "/", 0, -1);
+	buf_adds(&b, "[\"msg\",{");
+	if (strcmp(action, "login") == 0) {
+		buf_adds(&b, "\"username\":");
+		json_put_string(&b, who);
+		buf_adds(&b, ",\"action\":\"login\"");
+	} else {
+		buf_adds(&b, "\"action\":\"logout\",\"username\":");
+		json_put_string(&b, who);
+	}
+	buf_adds(&b, ",\"name_list\":");
+	put_name_list(&b);
+	buf_adds(&b, "}]");
+	struct blob *msg = blob_from_buf(&b);
+	room_broadcast(msg, NULL, 0);
+	blob_unref(msg);
+}
+
+static const char *chat_admit(struct session *s, int slot, const json_t *auth)
+{
+	(void)s, (void)slot, (void)auth;
+	return room.count >= opt.max_clients ? "room is full" : NULL;
+}
+
+static void chat_join(struct session *s, int slot, const json_t *auth)
+{
+	(void)auth;
+	s->nick = name_pick();
+	name_claim(s->nick, s->index);
+	room.members[room.count++] = s->index;
+	if (!opt.quiet)
+		log_line("join  %s (sid %s)", s->nick, s->nsp[slot].sid);
+	room_announce("login", s->nick);
+}
+
+static void chat_leave(struct session *s, int slot, const char *reason)
+{
+	int i = 0;
+	while (i < room.count && room.members[i] != s->index)
+		i++;
+	if (i == room.count)
+		return;
+	memmove(&room.members[i], &room.members[i + 1], (size_t)(room.count - i - 1) * sizeof(int));
+	room.count--;
+	name_release(s->nick);
+	if (!opt.quiet)
+		log_line("leave %s (sid %s): %s", s->nick, s->nsp[slot].sid, reason ? reason : "");
+	room_announce("logout", s->nick);
+	free(s->nick);
+	s->nick = NULL;
+}
+
+/* ["msg", DATA, ...] from a member: relayed to all, DATA's username stamped if DATA is an
+ * object. Other events are ignored, as the original server ignored them. */
+static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
+                      struct blob *const *att)
+{
+	char name[8];
+	int n = json_string_text(p->shape.item[0], name, sizeof name);
+	if (n != 3 || memcmp(name, "msg", 3) != 0)
+		return;
+	struct buf b = {0};
+	sio_head(&b, p->type, "/", p->attachments, -1);
+	struct json_span data = p->shape.item[1];
+	if (p->shape.count >= 2 && data.p[0] == '{') {
+		buf_add(&b, p->json.p, (size_t)(data.p - p->json.p)); /* ["msg", */
+		json_stamp_username(&b, data, s->nick);
+		const char *after = data.p + data.n;
+		buf_add(&b, after, (size_t)(p->json.p + p->json.n - after)); /* ] and any extras */
+	} else {
+		buf_add(&b, p->json.p, p->json.n);
+	}
+	struct blob *msg = blob_from_buf(&b);
+	room_broadcast(msg, att, p->attachments);
+	blob_unref(msg);
+	if (p->ack >= 0)
+		sio_send(s, SIO_ACK, namespaces[slot]->name, p->ack, "[]", 2);
+}
+
+static const struct sio_handler chat_namespace = {
+	.name = "/",
+	.admit = chat_admit,
+	.on_connect = chat_join,
+	.on_event = chat_talk,
+	.on_disconnect = chat_leave,
+};
+
+/* ================================== HTTP routes ================================== */
+/*
+ * civetweb hands every request to on_request before doing anything with it itself. Engine.IO
+ * requests go to eio_http, which checks them in the order Node's engine.io does and answers
+ * errors with its codes; "/" is the page; anything else is 404.
+ */
+static const struct endpoint *endpoints[2];
+static int n_endpoints;
+
+/* A query parameter, URL-decoded, or "" if absent or too long. */
+static void query_get(const char *query, const char *name, char *out, size_t cap)
+{
+	out[0] = 0;
+	if (!query || mg_get_var(query, strlen(query), name, out, cap) < 0)
+		out[0] = 0;
+}
+
+static int eio_http(struct mg_connection *c, const struct endpoint *ep)
+{
+	const struct mg_request_info *ri = mg_get_request_info(c);
+	const char *method = ri->request_method;
+	char transport[16], eio_s[8], sid[64], b64[8];
+	query_get(ri->query_string, "transport", transport, sizeof transport);
+	query_get(ri->query_string, "EIO", eio_s, sizeof eio_s);
+	query_get(ri->query_string, "sid", sid, sizeof sid);
+	query_get(ri->query_string, "b64", b64, sizeof b64);
+	const char *headers = NULL;
+
+	bool polling = strcmp(transport, "polling") == 0;
+	bool websocket = strcmp(transport, "websocket") == 0;
+	if (!polling && !websocket)
+		return eio_error_reply(c, E_TRANSPORT);
+	int eio = strcmp(eio_s, "4") == 0 ? 4 : strcmp(eio_s, "3") == 0 ? 3 : 0;
+	if (!eio)
+		return eio_error_reply(c, E_VERSION);
+	bool upgrade = is_websocket_upgrade(c);
+
+	if (!sid[0]) { /* a handshake */
+		if (strcmp(method, "GET") != 0)
+			return eio_error_reply(c, E_METHOD);
+		if (websocket != upgrade)
+			return eio_error_reply(c, E_REQUEST);
+		if (upgrade)
+			return ws_upgrade(c, ep, eio, NULL, headers);
+		room_lock_acquire();
+		struct session *s = stopping ? NULL : eio_open(ep, eio, POLLING, b64[0] && strcmp(b64, "0"));
+		if (!s) {
+			room_unlock();
+			return http_reply(c, 503, "application/json", headers,
+			                  "{\"code\":3,\"message\":\"server full\"}", 35);
+		}
+		return poll_get(c, s, headers); /* answers at once: the open packet is queued */
+	}
+
+	room_lock_acquire();
+	struct session *s = session_find(sid);
+	if (!s) {
+		room_unlock();
+		return eio_error_reply(c, E_SID);
+	}
+	bool same_transport = (s->transport == POLLING) == polling;
+	if ((!upgrade && !same_transport) || s->eio != eio) {
+		room_unlock();
+		return eio_error_reply(c, E_REQUEST);
+	}
+	if (upgrade) {
+		bool ok = websocket && s->transport == POLLING && !s->probe;
+		room_unlock();
+		return ok ? ws_upgrade(c, ep, eio, sid, headers) : eio_error_reply(c, E_REQUEST);
+	}
+	if (strcmp(method, "GET") == 0)
+		return poll_get(c, s, headers);
+	if (strcmp(method, "POST") == 0) {
+		const char *type = mg_get_header(c, "Content-Type");
+		return poll_post(c, s, type && strcmp(type, "application/octet-stream") == 0, headers);
+	}
+	room_unlock();
+	return eio_error_reply(c, E_REQUEST);
+}
+
+static int serve_home(struct mg_connection *c)
+{
+	static const char text[] =
+		"chatroom " CHATROOM_VERSION " is running.\n"
+		"Connect a Socket.IO client to this address (path /socket.io/).\n";
+	return http_reply(c, 200, "text/plain; charset=UTF-8", NULL, text, sizeof text - 1);
+}
+
+static int on_request(struct mg_connection *c)
+{
+	const struct mg_request_info *ri = mg_get_request_info(c);
+	const char *uri = ri->local_uri ? ri->local_uri : "";
+	for (int i = 0; i < n_endpoints; i++) {
+		const char *path = endpoints[i]->path;
+		size_t n = strlen(path);
+		if (strncmp(uri, path, n) == 0 || (strncmp(uri, path, n - 1) == 0 && uri[n - 1] == 0))
+			return eio_http(c, endpoints[i]);
+	}
+	if (strcmp(uri, "/") == 0 &&
+	    (strcmp(ri->request_method, "GET") == 0 || strcmp(ri->request_method, "HEAD") == 0))
+		return serve_home(c);
+	return http_reply(c, 404, "text/plain", NULL, "Not Found\n", 10);
+}
+
+static int on_log_message(const struct mg_connection *c, const char *message)
+{
+	(void)c, (void)message;
+	return 1; /* civetweb's own complaints about single connections are not ours to print */
+}
+
+/* ===================================== main ===================================== */
+/*
+ * Start-up: read the flags and the names, start the wire thread, start civetweb, print
+ * where we can be reached. Then the main thread waits for SIGINT or SIGTERM, printing the
+ * log as it comes. Signals are blocked in every thread and read from a signalfd here:
+ * civetweb 1.15 drops a worker's connection when a signal lands on that worker.
+ *
+ * Shutdown: every session is closed (long-polls get a close packet, WebSockets a close
+ * frame 1001), the wire thread lets the sockets linger briefly, then civetweb stops.
+ */
+static struct mg_context *http_ctx;
+
+/* "5000" or "+5000" (IPv4 and IPv6) or "127.0.0.1:5000" or "[::1]:5000". */
+static bool listening_ports(char *out, size_t cap, bool *ipv6_everywhere)
+{
+	*ipv6_everywhere = false;
+	if (!opt.host) {
+		int probe = socket(AF_INET6, SOCK_STREAM, 0);
+		bool v6 = probe >= 0 && mg_check_feature(8);
+		if (probe >= 0)
+			close(probe);
+		*ipv6_everywhere = v6;
+		snprintf(out, cap, "%s%d", v6 ? "+" : "", opt.port);
+		return true;
+	}
+	const char *host = strcmp(opt.host, "localhost") == 0 ? "127.0.0.1" : opt.host;
+	unsigned char addr[16];
+	if (inet_pton(AF_INET, host, addr) == 1) {
+		snprintf(out, cap, "%s:%d", host, opt.port);
+		return true;
+	}
+	if (inet_pton(AF_INET6, host, addr) == 1 && mg_check_feature(8)) {
+		snprintf(out, cap, "[%s]:%d", host, opt.port);
+		return true;
+	}
+	return false;
+}
+
+static void print_addresses(bool ipv6)
+{
+	printf("chatroom %s: a Socket.IO chat room, %d places, path /socket.io/\n",
+	       CHATROOM_VERSION, opt.max_clients);
+	if (!mg_check_feature(8))
+		printf("(this civetweb was built without IPv6: listening on IPv4 only)\n");
+	if (opt.host) {
+		bool v6 = strchr(opt.host, ':') != NULL;
+		printf("Open http://%s%s%s:%d/\n", v6 ? "[" : "", opt.host, v6 ? "]" : "", opt.port);
+		return;
+	}
+	printf("Open one of these in a browser on your network:\n");
+	int shown = 0;
+	struct ifaddrs *ifs = NULL;
+	if (getifaddrs(&ifs) == 0) {
+		for (struct ifaddrs *i = ifs; i; i = i->ifa_next) {
+			if (!i->ifa_addr || (i->ifa_flags & IFF_LOOPBACK))
+				continue;
+			char a[INET6_ADDRSTRLEN];
+			if (i->ifa_addr->sa_family == AF_INET) {
+				inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, a, sizeof a);
+				printf("  http://%s:%d/\n", a, opt.port);
+				shown++;
+			} else if (i->ifa_addr->sa_family == AF_INET6 && ipv6) {
+				struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)i->ifa_addr;
+				inet_ntop(AF_INET6, &s6->sin6_addr, a, sizeof a);
+				if (IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr))
+					printf("  http://[%s%%25%s]:%d/\n", a, i->ifa_name, opt.port);
+				else
+					printf("  http://[%s]:%d/\n", a, opt.port);
+				shown++;
+			}
+		}
+		freeifaddrs(ifs);
+	}
+	if (!shown)
+		printf("  http://localhost:%d/ (this machine has no other address)\n", opt.port);
+	printf("Press Ctrl+C to stop.\n");
+}
+
+/* Starts the wire thread and civetweb. Exits 1 with one clear line if it cannot. */
+static void server_start(void)
+{
+	uint64_t seed;
+	random_bytes(&seed, sizeof seed);
+	rng_state = seed | 1;
+	sessions_init();
+	ws_init();
+
+	wire_epfd = epoll_create1(EPOLL_CLOEXEC);
+	wire.evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = epoll_tag(TAG_WAKE, 0, 0)};
+	if (wire_epfd < 0 || wire.evfd < 0 || epoll_ctl(wire_epfd, EPOLL_CTL_ADD, wire.evfd, &ev)) {
+		fprintf(stderr, "chatroom: cannot set up epoll: %s\n", strerror(errno));
+		exit(1);
+	}
+	pthread_create(&wire.thread, NULL, wire_main, NULL);
+
+	char ports[128], threads[16], backlog[16];
+	bool ipv6;
+	if (!listening_ports(ports, sizeof ports, &ipv6)) {
+		fprintf(stderr, "chatroom: --host wants an IP address, not '%s'\n", opt.host);
+		exit(2);
+	}
+	int nthreads = opt.threads ? opt.threads : session_capacity + 32;
+	snprintf(threads, sizeof threads, "%d", nthreads);
+	snprintf(backlog, sizeof backlog, "%d", nthreads < 4096 ? 4096 : nthreads);
+	const char *options[] = {
+		"listening_ports", ports,
+		"num_threads", threads,
+		"listen_backlog", backlog,
+		"connection_queue", backlog,
+		"enable_keep_alive", "yes",
+		"tcp_nodelay", "1",
+		"request_timeout_ms", "10000",
+		"access_control_allow_methods", "", /* OPTIONS come to us */
+		NULL,
+	};
+	struct mg_callbacks callbacks = {0};
+	callbacks.begin_request = on_request;
+	callbacks.log_message = on_log_message;
+	struct mg_init_data init = {.callbacks = &callbacks, .configuration_options = options};
+	char error[256] = "";
+	unsigned code = 0;
+	struct mg_error_data err = {.code = &code, .text = error, .text_buffer_size = sizeof error};
+	mg_init_library(0);
+	http_ctx = mg_start2(&init, &err);
+	if (!http_ctx) {
+		if (strstr(error, "in use") || strstr(error, "bind"))
+			fprintf(stderr, "chatroom: cannot listen on port %d: it is in use (%s)\n",
+			        opt.port, error);
+		else
+			fprintf(stderr, "chatroom: cannot start the HTTP server: %s\n",
+			        error[0] ? error : "unknown error");
+		exit(1);
+	}
+	print_addresses(ipv6);
+	fflush(stdout);
+}
+
+/* Closes every session and stops everything, within about a second. */
+static void server_stop(void)
+{
+	room_lock_acquire();
+	stopping = true;
+	for (int i = 0; i < slots_high; i++)
+		if (sessions[i].state == S_OPEN)
+			session_doom(&sessions[i], "server shutting down");
+	room_unlock();
+	wire_wake();
+	pthread_join(wire.thread, NULL);
+	mg_stop(http_ctx);
+}
+
+/* Blocks the signals we handle in this thread and every thread it starts. */
+static int signals_block(void)
+{
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &set, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	return signalfd(-1, &set, SFD_CLOEXEC);
+}
+
+/* Prints the log until SIGINT or SIGTERM arrives. */
+static void wait_for_signal(int sigfd)
+{
+	logq.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	for (;;) {
+		struct pollfd fds[2] = {{sigfd, POLLIN, 0}, {logq.wake_fd, POLLIN, 0}};
+		if (poll(fds, 2, -1) < 0 && errno != EINTR)
+			break;
+		if (fds[1].revents) {
+			uint64_t count;
+			ssize_t r = read(logq.wake_fd, &count, sizeof count);
+			(void)r;
+		}
+		log_flush();
+		if (fds[0].revents) {
+			struct signalfd_siginfo si;
+			ssize_t r = read(sigfd, &si, sizeof si);
+			(void)r;
+			printf("Stopping (%s).\n", si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+			break;
+		}
+	}
+}
+
+#ifndef CHATROOM_NO_MAIN
+int main(int argc, char **argv)
+{
+	parse_options(argc, argv);
+	names_init();
+	int sigfd = signals_block();
+
+	static const struct endpoint chat = {
+		.path = "/socket.io/",
+		.app = &socketio_app,
+	};
+	static struct endpoint chat_ep;
+	chat_ep = chat;
+	chat_ep.ping_interval = opt.ping_interval;
+	chat_ep.ping_timeout = opt.ping_timeout;
+	chat_ep.max_payload = opt.max_payload;
+	endpoints[n_endpoints++] = &chat_ep;
+	sio_register(&chat_namespace);
+
+	server_start();
+	wait_for_signal(sigfd);
+	server_stop();
+	log_flush();
+	return 0;
+}
+#endif

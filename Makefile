@@ -20,8 +20,10 @@ BUILD        := build
 CIVETWEB_SRC ?= $(BUILD)/civetweb
 CIVETWEB_C   := $(CIVETWEB_SRC)/src/civetweb.c
 
-# civetweb: HTTP only (no TLS, CGI or files), IPv6, 256 KiB worker stacks.
-CIVETWEB_DEFS := -DNO_SSL -DNO_CGI -DNO_FILES -DUSE_IPV6 -DUSE_STACK_SIZE=262144
+# civetweb: HTTP only (no TLS, CGI or files), IPv6, 256 KiB worker stacks, and a
+# 200 ms poll quantum (instead of 2 s) so that it stops promptly.
+CIVETWEB_DEFS := -DNO_SSL -DNO_CGI -DNO_FILES -DUSE_IPV6 -DUSE_STACK_SIZE=262144 \
+                 -DSOCKET_TIMEOUT_QUANTUM=200
 WARNINGS      := -std=c11 -Wall -Wextra -Werror
 EMBED         := -DCHATROOM_CIVETWEB_C='"$(CIVETWEB_C)"' -I$(CIVETWEB_SRC)/include \
                  $(CIVETWEB_DEFS) -Wa,-I$(CURDIR)
@@ -29,7 +31,7 @@ JANSSON_STATIC := -Wl,-Bstatic -ljansson -Wl,-Bdynamic
 SANITIZE      := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
                  -fno-omit-frame-pointer
 
-SOURCES := chatroom.c name.txt
+SOURCES := chatroom.c name.txt Makefile
 
 .PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean
 

@@ -1593,6 +1593,8 @@ static void timer_set(struct session *s, int64_t at)
 		timer_sift_up(s->heap_pos);
 		timer_sift_down(s->heap_pos);
 	}
+	if (s->heap_pos == 0)
+		wire_wake(); /* it sleeps until the earliest timer, which this now is */
 }
 
 static void timer_cancel(struct session *s)

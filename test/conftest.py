@@ -1,0 +1,263 @@
+"""Shared helpers for chatroom's tests.
+
+Every test starts the real binary (./chatroom, or the build named by $CHATROOM, such as
+the ASan+UBSan one) on a free loopback port and talks to it over real sockets: with
+python-socketio's client, with raw HTTP, and with a raw WebSocket client of our own for
+input no polite client would send. When a test ends, its servers are stopped with
+SIGTERM; each must exit 0, promptly, with nothing from a sanitizer on stderr.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import socketio
+
+ROOT = Path(__file__).resolve().parent.parent
+BINARY = os.environ.get("CHATROOM") or str(ROOT / "chatroom")
+SANITIZER = re.compile(rb"AddressSanitizer|LeakSanitizer|UndefinedBehaviorSanitizer|runtime error:")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=5.0, interval=0.01):
+    """Polls predicate until it returns something true; returns that, or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+class Server:
+    """One chatroom process."""
+
+    def __init__(self, *args, host="127.0.0.1", port=None, binary=BINARY, cwd=None, env=None):
+        self.host = host
+        self.port = port or free_port()
+        self.argv = [binary, "--host", host, "--port", str(self.port), *args]
+        self._out = tempfile.TemporaryFile()
+        self._err = tempfile.TemporaryFile()
+        full_env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
+                        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(self.argv, stdout=self._out, stderr=self._err,
+                                     cwd=cwd, env=full_env)
+        if not wait_until(self._accepting, timeout=10):
+            self.proc.kill()
+            raise RuntimeError(f"chatroom did not start: {self.stderr()}")
+
+    def _accepting(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"chatroom exited with {self.proc.returncode}: {self.stderr()}")
+        try:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            with socket.socket(family) as s:
+                s.settimeout(0.2)
+                s.connect((self.host, self.port))
+            return True
+        except OSError:
+            return False
+
+    @property
+    def url(self):
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def eio(self):
+        return f"{self.url}/socket.io/"
+
+    def stdout(self):
+        self._out.seek(0)
+        return self._out.read().decode("utf-8", "replace")
+
+    def stderr(self):
+        self._err.seek(0)
+        return self._err.read().decode("utf-8", "replace")
+
+    def wait_log(self, pattern, timeout=5.0, count=1):
+        """Waits until `pattern` (a regex) matches `count` times in the server's output."""
+        rx = re.compile(pattern)
+        return wait_until(lambda: len(rx.findall(self.stdout())) >= count, timeout)
+
+    def stop(self, sig=signal.SIGTERM, timeout=3.0):
+        """Stops the server; returns (exit code, seconds it took)."""
+        if self.proc.poll() is None:
+            start = time.monotonic()
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None, timeout
+            return self.proc.returncode, time.monotonic() - start
+        return self.proc.returncode, 0.0
+
+    def assert_clean_exit(self):
+        code, took = self.stop()
+        self._err.seek(0)
+        err = self._err.read()
+        assert not SANITIZER.search(err), err.decode("utf-8", "replace")
+        assert code == 0, f"exit {code} after {took:.1f}s; stderr: {err[-2000:]!r}"
+        assert took < 2.0, f"took {took:.2f}s to stop"
+
+
+@pytest.fixture
+def make_server():
+    """A factory of servers; every server it made must stop cleanly at the end."""
+    servers = []
+
+    def make(*args, **kw):
+        s = Server(*args, **kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.assert_clean_exit()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+class Chatter:
+    """A chat client as the original desktop client was: python-socketio's Client,
+    taking its nickname from the first login it sees."""
+
+    def __init__(self, server, transports=None, auth=None, connect=True, **client_args):
+        self.server = server
+        self.msgs = []
+        self.history = []
+        self.cond = threading.Condition()
+        self.sio = socketio.Client(reconnection=False, **client_args)
+        self.sio.on("msg", self._on_msg)
+        self.sio.on("history", self._on_history)
+        if connect:
+            self.sio.connect(server.url, transports=transports, auth=auth, wait_timeout=10)
+
+    def _on_msg(self, data):
+        with self.cond:
+            self.msgs.append(data)
+            self.cond.notify_all()
+
+    def _on_history(self, data):
+        with self.cond:
+            self.history.append(data)
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout=5.0, start=0):
+        """The first msg from index `start` on for which predicate holds."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for m in self.msgs[start:]:
+                    if predicate(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching msg within {timeout}s; got {self.msgs[-5:]}")
+                self.cond.wait(left)
+
+    def wait_count(self, n, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.msgs) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{len(self.msgs)} msgs, wanted {n}")
+                self.cond.wait(left)
+            return list(self.msgs)
+
+    @property
+    def nick(self):
+        first = self.wait(lambda m: True)
+        assert first.get("action") == "login", first
+        return first["username"]
+
+    @property
+    def sid(self):
+        return self.sio.get_sid("/")
+
+    def say(self, text, callback=None):
+        self.sio.emit("msg", {"action": "send msg", "username": self.nick, "msg": text},
+                      callback=callback)
+
+    def texts(self):
+        with self.cond:
+            return [m.get("msg") for m in self.msgs if m.get("action") == "send msg"]
+
+    def close(self):
+        if self.sio.connected:
+            self.sio.disconnect()
+
+
+@pytest.fixture
+def chatters():
+    """A factory of Chatters, all disconnected at the end."""
+    made = []
+
+    def make(server, **kw):
+        c = Chatter(server, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+# ---- raw Engine.IO over HTTP ---------------------------------------------------------
+
+class Polling:
+    """A hand-driven Engine.IO long-polling session (protocol 4 unless told)."""
+
+    def __init__(self, server, eio=4, handshake=True):
+        self.server = server
+        self.eio = eio
+        self.http = requests.Session()
+        self.sid = None
+        if handshake:
+            r = self.http.get(server.eio, params={"EIO": eio, "transport": "polling"}, timeout=5)
+            assert r.status_code == 200, r.text
+            self.open_body = r.text
+            import json
+            payload = r.text.split("\x1e")[0] if eio == 4 else r.text[r.text.index(":") + 1:]
+            self.handshake = json.loads(payload[1:])
+            self.sid = self.handshake["sid"]
+
+    def params(self, **extra):
+        p = {"EIO": self.eio, "transport": "polling"}
+        if self.sid:
+            p["sid"] = self.sid
+        p.update(extra)
+        return p
+
+    def get(self, timeout=5, **extra):
+        return self.http.get(self.server.eio, params=self.params(**extra), timeout=timeout)
+
+    def post(self, body, timeout=5, headers=None, **extra):
+        if isinstance(body, str):
+            body = body.encode()
+        return self.http.post(self.server.eio, params=self.params(**extra), data=body,
+                              timeout=timeout, headers=headers)
+
+    def packets(self, timeout=5):
+        """GETs once and splits the payload into packets."""
+        r = self.get(timeout=timeout)
+        assert r.status_code == 200, (r.status_code, r.text)
+        return r.text.split("\x1e")

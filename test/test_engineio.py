@@ -1,0 +1,312 @@
+"""Engine.IO protocol 4 at /socket.io/, driven by hand: handshake, long-polling,
+WebSocket, the upgrade between them, heartbeats, and every error answer."""
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import Polling, wait_until
+from rawws import RawWS, Closed
+
+LOGIN = '42["msg",{"username":'
+
+
+def body_error(r):
+    return r.status_code, r.json()
+
+
+def test_polling_handshake(server):
+    r = requests.get(server.eio, params={"EIO": "4", "transport": "polling"}, timeout=5)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/plain")
+    assert r.text[0] == "0"
+    hs = json.loads(r.text[1:])
+    assert set(hs) == {"sid", "upgrades", "pingInterval", "pingTimeout", "maxPayload"}
+    assert len(hs["sid"]) == 20
+    assert hs["upgrades"] == ["websocket"]
+    assert (hs["pingInterval"], hs["pingTimeout"], hs["maxPayload"]) == (25000, 20000, 1000000)
+
+
+def test_handshake_follows_flags(make_server):
+    s = make_server("--ping-interval", "1234", "--ping-timeout", "567", "--max-payload", "4321")
+    hs = Polling(s).handshake
+    assert (hs["pingInterval"], hs["pingTimeout"], hs["maxPayload"]) == (1234, 567, 4321)
+
+
+def test_websocket_handshake(server):
+    ws = RawWS.engineio(server)
+    assert ws.status == 101
+    first = ws.recv_message()
+    assert first[0] == "0"
+    hs = json.loads(first[1:])
+    assert hs["upgrades"] == [] and len(hs["sid"]) == 20
+    ws.close()
+
+
+def test_polling_batches_packets_both_ways(server):
+    p = Polling(server)
+    r = p.post('40\x1e42["msg",{"msg":"one"}]\x1e42["msg",{"msg":"two"}]')
+    assert (r.status_code, r.text) == (200, "ok")
+    packets = []
+    while len(packets) < 4:
+        packets += p.packets()
+    assert packets[0].startswith('40{"sid":"')
+    assert packets[1].startswith(LOGIN)
+    assert '"msg":"one"' in packets[2] and '"msg":"two"' in packets[3]
+
+
+def test_binary_over_polling_is_base64(server):
+    p = Polling(server)
+    p.post("40")
+    assert len(p.packets()) == 2  # CONNECT answer and login
+    r = p.post('451-["msg",{"file":{"_placeholder":true,"num":0}}]\x1ebAQIDBA==')
+    assert r.status_code == 200
+    packets = p.packets()
+    assert packets[0].startswith('451-["msg",{"file":{"_placeholder":true,"num":0}')
+    assert packets[1] == "bAQIDBA=="
+
+
+def test_websocket_session(server):
+    ws = RawWS.engineio(server)
+    ws.recv_message()  # open
+    ws.send_text("40")
+    assert ws.recv_message().startswith('40{"sid":"')
+    assert ws.recv_message().startswith(LOGIN)
+    ws.send_text('42["msg",{"msg":"hi"}]')
+    assert '"msg":"hi"' in ws.recv_message()
+    ws.send_text('451-["msg",{"_placeholder":true,"num":0}]')
+    ws.send_binary(b"\x00\x01\xff")
+    assert ws.recv_message().startswith("451-")
+    assert ws.recv_message() == b"\x00\x01\xff"
+    ws.close()
+
+
+def test_upgrade_from_polling(server):
+    p = Polling(server)
+    p.post("40")
+    assert len(p.packets()) == 2
+    parked = {}
+    t = threading.Thread(target=lambda: parked.setdefault("r", p.get(timeout=10)))
+    t.start()
+    time.sleep(0.2)
+    ws = RawWS.engineio(server, f"EIO=4&transport=websocket&sid={p.sid}")
+    assert ws.status == 101
+    ws.send_text("2probe")
+    assert ws.recv_message() == "3probe"
+    t.join(5)
+    assert parked["r"].text == "6"  # the waiting GET is released with noop
+    ws.send_text("5")
+    ws.send_text('42["msg",{"msg":"over ws"}]')
+    assert '"msg":"over ws"' in ws.recv_message()
+    # polling is over for this sid
+    assert body_error(p.get()) == (400, {"code": 3, "message": "Bad request"})
+    assert body_error(p.post("40")) == (400, {"code": 3, "message": "Bad request"})
+    # and a second WebSocket on the upgraded sid is refused
+    again = RawWS.engineio(server, f"EIO=4&transport=websocket&sid={p.sid}")
+    assert again.status == 400
+    again.close()
+    ws.send_text('42["msg",{"msg":"still here"}]')
+    assert '"msg":"still here"' in ws.recv_message()
+    ws.close()
+
+
+def test_get_during_upgrade_gets_noop(server):
+    p = Polling(server)
+    p.post("40")
+    p.packets()
+    ws = RawWS.engineio(server, f"EIO=4&transport=websocket&sid={p.sid}")
+    ws.send_text("2probe")
+    assert ws.recv_message() == "3probe"
+    start = time.monotonic()
+    assert p.get().text == "6"
+    assert time.monotonic() - start < 1.0
+    ws.close()
+
+
+def test_nothing_lost_or_reordered_across_upgrade(server, chatters):
+    """Messages broadcast while a client upgrades reach it exactly once, in order,
+    partly by polling and partly by WebSocket."""
+    talker = chatters(server, transports=["websocket"])
+    p = Polling(server)
+    p.post("40")
+    got = []
+    while not any(x.startswith(LOGIN) for x in got):
+        got += p.packets()
+    for i in range(20):
+        talker.say(f"before {i}")
+    ws = RawWS.engineio(server, f"EIO=4&transport=websocket&sid={p.sid}")
+    ws.send_text("2probe")
+    assert ws.recv_message() == "3probe"
+    for i in range(20):
+        talker.say(f"during {i}")
+    time.sleep(0.2)
+    body = p.get().text  # whatever polling still has, then noop
+    got += [x for x in body.split("\x1e") if x != "6"]
+    if body.split("\x1e")[-1] != "6":
+        assert p.get().text == "6"
+    ws.send_text("5")
+    for i in range(20):
+        talker.say(f"after {i}")
+    while sum(1 for x in got if '"send msg"' in x) < 60:
+        got.append(ws.recv_message())
+    texts = [json.loads(x[2:])[1]["msg"] for x in got if '"send msg"' in x]
+    expected = [f"{w} {i}" for w in ("before", "during", "after") for i in range(20)]
+    assert texts == expected
+    ws.close()
+
+
+def test_heartbeat_over_polling(make_server):
+    s = make_server("--ping-interval", "300", "--ping-timeout", "200")
+    p = Polling(s)
+    for _ in range(3):
+        start = time.monotonic()
+        assert p.packets() == ["2"]
+        assert 0.2 < time.monotonic() - start < 0.6
+        assert p.post("3").status_code == 200
+    # no pong: the session is gone after pingInterval + pingTimeout
+    time.sleep(0.3 + 0.2 + 0.1)
+    assert body_error(p.get()) == (400, {"code": 1, "message": "Session ID unknown"})
+
+
+def test_heartbeat_over_websocket(make_server):
+    s = make_server("--ping-interval", "300", "--ping-timeout", "200")
+    ws = RawWS.engineio(s)
+    ws.recv_message()
+    for _ in range(3):
+        assert ws.recv_message(timeout=1) == "2"
+        ws.send_text("3")
+    assert ws.recv_message(timeout=1) == "2"
+    start = time.monotonic()
+    assert ws.expect_close(timeout=2) is not None
+    assert time.monotonic() - start < 0.2 + 0.15
+
+
+def test_client_ping_is_refused_in_protocol_4(server):
+    ws = RawWS.engineio(server)
+    ws.recv_message()
+    ws.send_text("2")  # in v4 only the server pings
+    ws.expect_close()
+
+
+@pytest.mark.parametrize("query,code,message", [
+    ("EIO=4", 0, "Transport unknown"),
+    ("EIO=4&transport=carrier-pigeon", 0, "Transport unknown"),
+    ("transport=polling", 5, "Unsupported protocol version"),
+    ("EIO=abc&transport=polling", 5, "Unsupported protocol version"),
+    ("EIO=5&transport=polling", 5, "Unsupported protocol version"),
+    ("EIO=4&transport=polling&sid=doesnotexist", 1, "Session ID unknown"),
+    ("EIO=4&transport=websocket", 3, "Bad request"),  # websocket without an upgrade
+])
+def test_bad_requests(server, query, code, message):
+    r = requests.get(f"{server.eio}?{query}", timeout=5)
+    assert r.status_code == 400
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.json() == {"code": code, "message": message}
+
+
+def test_handshake_must_be_get(server):
+    for method in ("POST", "PUT", "DELETE"):
+        r = requests.request(method, server.eio, params={"EIO": 4, "transport": "polling"},
+                             timeout=5)
+        assert body_error(r) == (400, {"code": 2, "message": "Bad handshake method"})
+
+
+def test_closed_sid_is_unknown(server):
+    p = Polling(server)
+    assert p.post("1").status_code == 200
+    assert body_error(p.get()) == (400, {"code": 1, "message": "Session ID unknown"})
+
+
+def test_wrong_transport_for_sid(server):
+    p = Polling(server)
+    r = requests.get(server.eio, params={"EIO": 4, "transport": "websocket", "sid": p.sid},
+                     timeout=5)
+    assert body_error(r) == (400, {"code": 3, "message": "Bad request"})
+    r = requests.get(server.eio, params={"EIO": 3, "transport": "polling", "sid": p.sid},
+                     timeout=5)
+    assert body_error(r) == (400, {"code": 3, "message": "Bad request"})
+
+
+def test_second_concurrent_get_closes_the_session(server):
+    p = Polling(server)
+    first = {}
+    t = threading.Thread(target=lambda: first.setdefault("r", p.get(timeout=10)))
+    t.start()
+    time.sleep(0.2)
+    second = requests.get(server.eio, params=p.params(), timeout=5)
+    assert body_error(second) == (400, {"code": 3, "message": "Bad request"})
+    t.join(5)
+    assert first["r"].text == "1"  # the waiting one gets a close packet
+    assert p.get().status_code == 400
+
+
+def test_second_concurrent_post_closes_the_session(server):
+    p = Polling(server)
+    slow = socket.create_connection((server.host, server.port))
+    slow.sendall((f"POST /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
+                  f"Host: x\r\nContent-Length: 100\r\n\r\n42").encode())
+    time.sleep(0.2)
+    r = requests.post(server.eio, params=p.params(), data=b"40", timeout=5)
+    assert body_error(r) == (400, {"code": 3, "message": "Bad request"})
+    assert p.get().status_code == 400
+    slow.close()
+
+
+def test_body_over_max_payload_is_refused(make_server):
+    s = make_server("--max-payload", "1000")
+    p = Polling(s)
+    r = p.post("4" + "x" * 1000)
+    assert r.status_code == 413  # as Node's engine.io answers
+    r = p.post('40')
+    assert r.status_code == 200  # the session lives on
+
+
+def test_invalid_packet_closes_the_session(server):
+    p = Polling(server)
+    assert body_error(p.post("abc")) == (400, {"code": 3, "message": "Bad request"})
+    assert p.get().status_code == 400
+
+
+def test_invalid_utf8_closes_the_session(server):
+    p = Polling(server)
+    assert p.post(b'42["msg","\xff\xfe"]').status_code == 400
+    assert p.get().status_code == 400
+
+
+def test_close_packet_releases_waiting_get_with_noop(server):
+    p = Polling(server)
+    parked = {}
+    t = threading.Thread(target=lambda: parked.setdefault("r", p.get(timeout=10)))
+    t.start()
+    time.sleep(0.2)
+    assert p.post("1").status_code == 200
+    t.join(5)
+    assert parked["r"].text == "6"
+    assert p.get().status_code == 400
+
+
+def test_cancelled_long_poll_closes_the_session(server):
+    p = Polling(server)
+    raw = socket.create_connection((server.host, server.port))
+    raw.sendall((f"GET /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
+                 f"Host: x\r\n\r\n").encode())
+    time.sleep(0.2)
+    raw.close()
+    assert wait_until(lambda: p.get().status_code == 400, timeout=2)
+
+
+def test_websocket_invalid_packet_closes(server):
+    ws = RawWS.engineio(server)
+    ws.recv_message()
+    ws.send_text("abc")
+    ws.expect_close()
+
+
+def test_websocket_close_packet(server):
+    ws = RawWS.engineio(server)
+    ws.recv_message()
+    ws.send_text("1")
+    ws.expect_close()

@@ -117,6 +117,7 @@ enum {
 	CONNECT_TIMEOUT_MS = 45000,         /* a session must join a namespace within this */
 	UPGRADE_TIMEOUT_MS = 10000,         /* a WebSocket probe must finish its upgrade within */
 	CLOSE_LINGER_MS = 1000,             /* how long a closing WebSocket waits for its peer */
+	POLL_MAX_PACKETS = 16,              /* per long-poll response: python-engineio refuses more */
 	QUEUE_ENTRY_COST = 32,              /* bytes a queued packet costs beyond its data */
 };
 
@@ -2121,8 +2122,8 @@ static int poll_get(struct mg_connection *c, struct session *s, const char *head
 	struct packet *pk;
 	int n = 0;
 	if (s->state == S_OPEN && s->transport == POLLING && s->q.count) {
-		pk = xmalloc(s->q.count * sizeof *pk);
-		while (s->q.count) {
+		pk = xmalloc(POLL_MAX_PACKETS * sizeof *pk);
+		while (s->q.count && n < POLL_MAX_PACKETS) {
 			pk[n] = outq_pop(&s->q);
 			s->qbytes -= packet_cost(pk[n]);
 			n++;

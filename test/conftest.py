@@ -50,7 +50,7 @@ class Server:
         self.argv = [binary, "--host", host, "--port", str(self.port), *args]
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
-        full_env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
+        full_env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:quarantine_size_mb=16",
                         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
         full_env.update(env or {})
         self.proc = subprocess.Popen(self.argv, stdout=self._out, stderr=self._err,
@@ -145,14 +145,29 @@ class Chatter:
         self.history = []
         self.cond = threading.Condition()
         self.sio = socketio.Client(reconnection=False, **client_args)
+        self._handle_in_order()
         self.sio.on("msg", self._on_msg)
         self.sio.on("history", self._on_history)
         if connect:
             self.sio.connect(server.url, transports=transports, auth=auth, wait_timeout=10)
 
-    def _on_msg(self, data):
+    def _handle_in_order(self):
+        """python-engineio 4.3 runs every message handler in a thread of its own, so
+        handlers may run out of the order the server sent in. Tests check that order,
+        so here handlers run on the reading thread, one after another."""
+        eio = self.sio.eio
+        trigger = eio._trigger_event
+
+        def in_order(event, *args, **kw):
+            if event == "message":
+                kw["run_async"] = False
+            return trigger(event, *args, **kw)
+
+        eio._trigger_event = in_order
+
+    def _on_msg(self, *args):
         with self.cond:
-            self.msgs.append(data)
+            self.msgs.append(args[0] if len(args) == 1 else list(args))
             self.cond.notify_all()
 
     def _on_history(self, data):

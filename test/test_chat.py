@@ -1,0 +1,239 @@
+"""The chat contract (../shared/chat-contract.md, summed up in README.md), with real
+python-socketio clients on every transport."""
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import socketio
+
+from conftest import ROOT, Chatter, wait_until
+
+TRANSPORTS = [None, ["websocket"], ["polling"]]  # None: polling, then the upgrade
+LIST_NAMES = {line.strip() for line in (ROOT / "name.txt").read_text("utf-8").splitlines()
+              if line.strip()}
+
+
+def logins(c):
+    return [m for m in c.msgs if m.get("action") == "login"]
+
+
+def test_join_login_and_name_list(server, chatters):
+    a, b, c = (chatters(server, transports=t) for t in TRANSPORTS)
+    for x in (a, b, c):
+        x.wait_count(1)
+        first = x.msgs[0]
+        assert first["action"] == "login"  # its own login comes first
+        assert first["name_list"][-1] == [first["username"], x.sid]
+    c_login = a.wait(lambda m: m.get("username") == c.nick and m["action"] == "login")
+    assert c_login["name_list"] == [[a.nick, a.sid], [b.nick, b.sid], [c.nick, c.sid]]
+    assert set(c_login) == {"username", "action", "name_list"}
+    assert [m["username"] for m in logins(a)] == [a.nick, b.nick, c.nick]
+    assert [m["username"] for m in logins(b)] == [b.nick, c.nick]
+    assert [m["username"] for m in logins(c)] == [c.nick]
+    assert len({a.nick, b.nick, c.nick}) == 3
+    assert {a.nick, b.nick, c.nick} <= LIST_NAMES
+
+
+def test_messages_are_relayed_with_the_senders_name(server, chatters):
+    a, b, c = (chatters(server, transports=t) for t in TRANSPORTS)
+    c.wait_count(1)
+    a.wait(lambda m: m.get("username") == c.nick)
+    honest = {"action": "send msg", "username": a.nick, "msg": "hello 😀 你好"}
+    a.sio.emit("msg", honest)
+    for x in (a, b, c):
+        assert x.wait(lambda m: m.get("msg") == "hello 😀 你好") == honest
+    liar = {"action": "send msg", "username": a.nick, "msg": "I am b", "extra": [1, 2.5, None]}
+    b.sio.emit("msg", liar)
+    for x in (a, b, c):
+        got = x.wait(lambda m: m.get("msg") == "I am b")
+        assert got == dict(liar, username=b.nick)
+    # no username at all: one is added
+    c.sio.emit("msg", {"action": "send msg", "msg": "anonymous?"})
+    assert a.wait(lambda m: m.get("msg") == "anonymous?")["username"] == c.nick
+
+
+def test_username_cannot_be_smuggled(server, chatters):
+    """Duplicate keys and escaped keys: receivers' JSON parsers keep the last duplicate
+    and decode escapes, so the server must catch both."""
+    a = chatters(server, transports=["websocket"])
+    import websocket  # a raw Socket.IO client, for JSON python-socketio would not write
+    ws = websocket.create_connection(f"ws://{server.host}:{server.port}/socket.io/?EIO=4&transport=websocket")
+    ws.recv()
+    ws.send("40")
+    ws.recv()
+    ws.recv()  # login
+    ws.send('42["msg",{"username":"x","msg":"dup","username":"Mallory","user\\u006eame":"Eve"}]')
+    got = a.wait(lambda m: m.get("msg") == "dup")
+    me = a.wait(lambda m: m.get("action") == "login" and m["username"] != a.nick)["username"]
+    assert got == {"username": me, "msg": "dup"}
+    ws.close()
+
+
+def test_data_that_is_not_an_object_is_relayed_as_sent(server, chatters):
+    a = chatters(server)
+    b = chatters(server, transports=["websocket"])
+    a.wait(lambda m: m.get("username") == b.nick)
+    for data in ["just text", 42, 1.5, [1, "two", {"username": "kept"}, None], True]:
+        b.sio.emit("msg", data)
+        assert a.wait(lambda m, d=data: m == d, start=0) == data
+
+
+def test_numbers_are_relayed_exactly(server, chatters):
+    a = chatters(server)
+    b = chatters(server, transports=["websocket"])
+    a.wait(lambda m: m.get("username") == b.nick)
+    data = {"big": 123456789012345678901234567890, "tiny": 1e-300, "pi": 3.141592653589793,
+            "neg": -0.0, "msg": "numbers"}
+    b.sio.emit("msg", data)
+    got = a.wait(lambda m: m.get("msg") == "numbers")
+    assert got == dict(data, username=b.nick)
+    assert type(got["big"]) is int
+
+
+def test_ack_when_asked(server, chatters):
+    a = chatters(server, transports=["polling"])
+    b = chatters(server)
+    acked = threading.Event()
+    a.say("please ack", callback=lambda *args: acked.set() if args == () else None)
+    assert acked.wait(5)
+    b.wait(lambda m: m.get("msg") == "please ack")
+
+
+def test_binary_is_relayed_as_binary(server, chatters):
+    a = chatters(server, transports=["polling"])
+    b = chatters(server, transports=["websocket"])
+    c = chatters(server)
+    c.wait_count(1)
+    a.wait(lambda m: m.get("username") == c.nick)
+    blob = bytes(range(256)) * 10
+    a.sio.emit("msg", {"action": "send msg", "username": a.nick, "msg": "file",
+                       "file": blob, "more": [b"\x00", b""]})
+    for x in (a, b, c):
+        got = x.wait(lambda m: m.get("msg") == "file")
+        assert got["file"] == blob and got["more"] == [b"\x00", b""]
+        assert got["username"] == a.nick
+
+
+def test_logout_frees_the_name(make_server, tmp_path, chatters):
+    names = tmp_path / "names.txt"
+    names.write_text("Alpha\nBeta\n", "utf-8")
+    s = make_server("--names", str(names))
+    a = chatters(s)
+    b = chatters(s, transports=["websocket"])
+    a.wait(lambda m: m.get("username") == b.nick)
+    b_nick, b_sid = b.nick, b.sid
+    b.close()
+    out = a.wait(lambda m: m.get("action") == "logout")
+    assert out == {"action": "logout", "username": b_nick, "name_list": [[a.nick, a.sid]]}
+    c = chatters(s, transports=["polling"])
+    assert c.nick == b_nick  # the only free name
+    assert c.sid != b_sid
+
+
+def test_when_every_name_is_taken_a_suffix_keeps_names_unique(make_server, tmp_path, chatters):
+    names = tmp_path / "names.txt"
+    names.write_text("\n  Otter  \n\nHeron\r\n", "utf-8")  # white space and blank lines
+    s = make_server("--names", str(names))
+    clients = [chatters(s, transports=["websocket"]) for _ in range(6)]
+    nicks = [c.nick for c in clients]
+    assert len(set(nicks)) == 6
+    assert set(nicks[:2]) == {"Otter", "Heron"}
+    for n in nicks[2:]:
+        base, _, k = n.partition("#")
+        assert base in {"Otter", "Heron"} and int(k) >= 2
+
+
+def test_everyone_sees_one_order(server, chatters):
+    clients = [chatters(server, transports=TRANSPORTS[i % 3]) for i in range(5)]
+    last = clients[-1].nick
+    for c in clients:
+        c.wait(lambda m: m.get("username") == last)
+    start = [len(c.msgs) for c in clients]
+
+    def talk(c, i):
+        for k in range(20):
+            c.say(f"{i}:{k}")
+
+    threads = [threading.Thread(target=talk, args=(c, i)) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seqs = []
+    for c, s0 in zip(clients, start):
+        c.wait_count(s0 + 100, timeout=10)
+        seqs.append([m["msg"] for m in c.msgs[s0:]])
+    assert all(seq == seqs[0] for seq in seqs)
+    for i in range(5):  # each sender's own messages keep their order
+        assert [m for m in seqs[0] if m.startswith(f"{i}:")] == [f"{i}:{k}" for k in range(20)]
+
+
+def test_fifty_clients_connecting_at_once(server):
+    clients = [Chatter(server, transports=TRANSPORTS[i % 3], connect=False) for i in range(50)]
+    errors = []
+
+    def go(c):
+        try:
+            c.sio.connect(server.url, transports=c.__dict__.get("_t"), wait_timeout=10)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    for i, c in enumerate(clients):
+        c._t = TRANSPORTS[i % 3]
+    threads = [threading.Thread(target=go, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    try:
+        assert not errors
+        # the last login anyone sees lists all fifty, in join order
+        for c in clients:
+            c.wait(lambda m: m.get("action") == "login" and len(m["name_list"]) == 50, timeout=10)
+        order = [n for n, _ in clients[0].wait(
+            lambda m: m.get("action") == "login" and len(m["name_list"]) == 50)["name_list"]]
+        assert len(set(order)) == 50
+        by_nick = {c.nick: c for c in clients}
+        assert set(by_nick) == set(order)
+        for c in clients:
+            seen = [m["username"] for m in logins(c)]
+            mine = order.index(c.nick)
+            assert seen == order[mine:]  # its own first, then every later one once, in order
+            assert dict(c.msgs[0]["name_list"])[c.nick] == c.sid
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_desktop_client_flow(server, chatters):
+    """The original desktop client: default transports, its name from the first login,
+    then send, see the message come back, disconnect."""
+    watcher = chatters(server, transports=["websocket"])
+    desktop = socketio.Client(reconnection=False)
+    seen = []
+    own = {}
+    got_back = threading.Event()
+
+    @desktop.on("msg")
+    def on_msg(data):
+        seen.append(data)
+        if "me" not in own and data.get("action") == "login":
+            own["me"] = data["username"]
+        if data.get("action") == "send msg" and data.get("msg") == "hi from the desktop":
+            got_back.set()
+
+    desktop.connect(server.url, wait_timeout=10)
+    assert wait_until(lambda: "me" in own)
+    me = own["me"]
+    assert me == seen[0]["username"]
+    desktop.emit("msg", {"action": "send msg", "username": me, "msg": "hi from the desktop"})
+    assert got_back.wait(5)
+    shown = [m for m in seen if m.get("action") == "send msg"][0]
+    assert (shown["username"], shown["msg"]) == (me, "hi from the desktop")
+    assert desktop.transport() == "websocket"  # it upgraded
+    desktop.disconnect()
+    out = watcher.wait(lambda m: m.get("action") == "logout")
+    assert out["username"] == me
+    assert out["name_list"] == [[watcher.nick, watcher.sid]]
+    assert server.wait_log(rf"join +{me} ") and server.wait_log(rf"leave {me} ")

@@ -1,0 +1,281 @@
+"""No client can hurt the others: clients that vanish, stop reading, or send garbage at
+every layer; a full room. The server must answer each with the protocol's error or a
+clean disconnect, and everyone else must keep chatting."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import requests
+import socketio
+
+from conftest import Chatter, Polling, wait_until
+from rawws import RawWS, Closed
+from test_socketio import joined, LOGIN
+
+FAST = ("--ping-interval", "400", "--ping-timeout", "300")
+WINDOW = 0.4 + 0.3 + 0.3  # pingInterval + pingTimeout + margin
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+def logouts_of(chatter, nick):
+    return [m for m in chatter.msgs if m.get("action") == "logout" and m["username"] == nick]
+
+
+def test_client_that_stops_answering_pings_is_logged_out_once(make_server, chatters):
+    s = make_server(*FAST)
+    watcher = chatters(s, transports=["websocket"])
+    mute = joined(s)  # a raw client that never answers a ping
+    watcher.wait(lambda m: m.get("username") == mute.nick)
+    start = time.monotonic()
+    watcher.wait(lambda m: m.get("action") == "logout", timeout=3)
+    assert time.monotonic() - start < WINDOW
+    time.sleep(0.5)
+    assert len(logouts_of(watcher, mute.nick)) == 1
+    mute.close()
+
+
+def test_long_poller_that_stops_polling_is_logged_out_once(make_server, chatters):
+    s = make_server(*FAST)
+    watcher = chatters(s, transports=["websocket"])
+    p = Polling(s)
+    p.post("40")
+    login = [x for x in p.packets() if x.startswith(LOGIN)][0]
+    nick = json.loads(login[2:])[1]["username"]
+    start = time.monotonic()
+    watcher.wait(lambda m: m.get("action") == "logout" and m["username"] == nick, timeout=3)
+    assert time.monotonic() - start < WINDOW
+    time.sleep(0.5)
+    assert len(logouts_of(watcher, nick)) == 1
+
+
+CLIENT = textwrap.dedent("""
+    import socketio, sys, time
+    c = socketio.Client(reconnection=False)
+    c.on("msg", lambda d: print(d.get("username"), flush=True) if d.get("action") == "login" else None)
+    c.connect(sys.argv[1], transports=None if sys.argv[2] == "default" else [sys.argv[2]])
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("transport", ["default", "websocket", "polling"])
+def test_killed_client_is_logged_out_once(make_server, chatters, transport):
+    s = make_server(*FAST)
+    watcher = chatters(s, transports=["websocket"])
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", CLIENT, s.url, transport],
+                            stdout=subprocess.PIPE, text=True)
+    nick = proc.stdout.readline().strip()
+    watcher.wait(lambda m: m.get("username") == nick)
+    time.sleep(0.3)  # let a default client finish its upgrade
+    start = time.monotonic()
+    proc.kill()
+    proc.wait()
+    watcher.wait(lambda m: m.get("action") == "logout" and m["username"] == nick, timeout=3)
+    assert time.monotonic() - start < WINDOW
+    time.sleep(0.5)
+    assert len(logouts_of(watcher, nick)) == 1
+
+
+def test_client_that_stops_reading_is_dropped_and_hurts_nobody(make_server, chatters):
+    s = make_server("--queue-limit", "524288", "--max-payload", "65536")
+    rx = [chatters(s, transports=["websocket"]), chatters(s, transports=["polling"])]
+    # the stalled client: a raw WebSocket with a tiny receive buffer that never reads
+    stalled = RawWS.engineio(s)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.recv_message()
+    stalled.send_text("40")
+    sender = chatters(s, transports=["websocket"])
+    for c in rx:
+        c.wait(lambda m: m.get("username") == sender.nick)
+    rss_before = rss_kib(s.proc.pid)
+    # 10 MB at about 1000 messages a second: more than the kernel's socket buffers and
+    # the queue limit together can hold for a client that never reads
+    count = 5000
+    for i in range(count):
+        sender.sio.emit("msg", {"action": "send msg", "msg": "load", "i": i, "pad": "x" * 2000})
+        if i % 50 == 49:
+            time.sleep(0.05)
+    for c in rx:
+        c.wait(lambda m: m.get("i") == count - 1, timeout=20)
+        got = [m["i"] for m in c.msgs if m.get("msg") == "load"]
+        assert got == list(range(count))
+    # the stalled one went, and everybody was told
+    out = rx[0].wait(lambda m: m.get("action") == "logout", timeout=10)
+    assert out["username"] != sender.nick and len(out["name_list"]) == 3
+    assert s.wait_log(r"leave .*outbound queue overflow")
+    assert s.stdout().count("outbound queue overflow") == 1
+    assert rss_kib(s.proc.pid) - rss_before < 64 * 1024
+    stalled.close()
+
+
+def test_while_one_client_stalls_the_others_get_messages_promptly(make_server, chatters):
+    s = make_server()  # default queue limit: the stalled client lasts the whole test
+    stalled = RawWS.engineio(s)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.recv_message()
+    stalled.send_text("40")
+    a = chatters(s, transports=["websocket"])
+    b = chatters(s, transports=["polling"])
+    a.wait(lambda m: m.get("username") == b.nick)
+    worst = 0.0
+    for i in range(200):
+        sent = time.monotonic()
+        a.sio.emit("msg", {"action": "send msg", "msg": f"ping {i}", "pad": "y" * 4000})
+        b.wait(lambda m: m.get("msg") == f"ping {i}", start=len(b.msgs) - 5)
+        worst = max(worst, time.monotonic() - sent)
+    assert worst < 0.5, f"slowest message took {worst * 1000:.0f} ms"
+    stalled.close()
+
+
+def test_room_full_is_refused_in_words(make_server, chatters):
+    s = make_server("--max-clients", "2")
+    chatters(s)
+    chatters(s, transports=["websocket"])
+    refused = socketio.Client(reconnection=False)
+    why = []
+    refused.on("connect_error", lambda data: why.append(data))
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        refused.connect(s.url, transports=["websocket"], wait_timeout=5)
+    assert wait_until(lambda: why)
+    assert why[0] == {"message": "room is full"}
+
+
+def test_sessions_beyond_capacity_get_503(make_server):
+    s = make_server("--max-clients", "1")  # 1 place, plus 16 sessions of slack
+    held = [Polling(s) for _ in range(17)]
+    r = requests.get(s.eio, params={"EIO": 4, "transport": "polling"}, timeout=5)
+    assert r.status_code == 503
+    ws = RawWS.engineio(s)
+    assert ws.status == 503
+    ws.close()
+    held[0].post("1")  # one leaves: room again
+    assert Polling(s).sid
+
+
+def test_deeply_nested_json_drops_the_sender_only(server):
+    good = joined(server)
+    bad = joined(server)
+    good.recv_message()
+    bad.send_text('42["msg",' + "[" * 10000 + "]" * 10000 + "]")
+    bad.expect_close()
+    assert '"logout"' in good.recv_message()
+    good.send_text('42["msg",{"msg":"alive"}]')
+    assert '"alive"' in good.recv_message()
+
+
+@pytest.mark.parametrize("frame,code", [
+    (RawWS.frame(0x1, "40", mask=False), 1002),           # unmasked
+    (RawWS.frame(0x1, "40", rsv=4), 1002),                # RSV bit without an extension
+    (RawWS.frame(0x3, "40"), 1002),                       # reserved opcode
+    (RawWS.frame(0x0, "40"), 1002),                       # continuation of nothing
+    (RawWS.frame(0x9, "x" * 126), 1002),                  # control frame too long
+    (RawWS.frame(0x9, "ping", fin=False), 1002),          # fragmented control frame
+    (RawWS.frame(0x1, b"4\xff\xfe"), 1007),               # text that is not UTF-8
+    (RawWS.frame(0x2, b"", length=2_000_000_000), 1009),  # declares more than maxPayload
+    (RawWS.frame(0x8, b"\x03"), 1002),                    # one-byte close payload
+])
+def test_bad_frames_get_the_right_close_code(server, frame, code):
+    other = joined(server)
+    ws = RawWS.engineio(server)
+    ws.recv_message()
+    ws.send_raw(frame)
+    assert ws.expect_close() == code
+    other.send_text('42["msg",{"msg":"alive"}]')
+    assert '"alive"' in other.recv_message()
+
+
+def test_websocket_control_frames_and_fragments(server):
+    ws = joined(server)
+    ws.send_frame(0x9, b"are you there")
+    fin, op, payload = ws.recv_frame()
+    assert (op, payload) == (0xA, b"are you there")
+    msg = '42["msg",{"msg":"in three parts"}]'
+    ws.send_frame(0x1, msg[:5], fin=False)
+    ws.send_frame(0x9, b"between")             # control frames may come between fragments
+    ws.send_frame(0x0, msg[5:12], fin=False)
+    ws.send_frame(0x0, msg[12:], fin=True)
+    assert ws.recv_frame()[1] == 0xA
+    assert '"in three parts"' in ws.recv_message()
+    ws.send_frame(0x8, b"\x03\xe8bye")
+    assert ws.expect_close() == 1000
+
+
+def next_event(ws, timeout=5.0):
+    """The next Socket.IO event, answering the server's pings on the way."""
+    while True:
+        m = ws.recv_message(timeout)
+        if m == "2":
+            ws.send_text("3")
+        elif m.startswith("42"):
+            return json.loads(m[2:])
+
+
+def test_half_sent_frame_and_header_do_not_hang_anything(make_server):
+    s = make_server(*FAST)
+    a = joined(s)
+    half = joined(s)
+    a.recv_message()
+    half.send_raw(RawWS.frame(0x1, "42" + "z" * 98)[:20])  # then silence
+    slow = socket.create_connection((s.host, s.port))
+    slow.sendall(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n")  # no end
+    start = time.monotonic()
+    said = 0
+    logged_out = None
+    while time.monotonic() - start < WINDOW + 0.5:
+        a.send_text(f'42["msg",{{"msg":"{said}"}}]')
+        event = next_event(a)
+        while event[1].get("action") == "logout":
+            logged_out = event[1]["username"]
+            event = next_event(a)
+        assert event[1]["msg"] == str(said)
+        said += 1
+        time.sleep(0.05)
+    assert logged_out == half.nick  # its heartbeat ran out mid-frame
+    assert half.expect_close() is not None
+    slow.close()
+
+
+GARBAGE = [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n" + b"X-A: " + b"a" * 40000 + b"\r\n\r\n",
+    b"POST /socket.io/?EIO=4&transport=polling&sid=x HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+    b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 8\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(200),  # a TLS hello
+    os.urandom(4096),
+]
+
+
+def test_garbage_on_the_wire_while_others_chat(server, chatters):
+    a = chatters(server, transports=["websocket"])
+    b = chatters(server, transports=["polling"])
+    a.wait(lambda m: m.get("username") == b.nick)
+    for i, junk in enumerate(GARBAGE):
+        with socket.create_connection((server.host, server.port)) as raw:
+            raw.sendall(junk)
+            raw.settimeout(3)
+            try:
+                answer = raw.recv(4096)
+            except (socket.timeout, ConnectionResetError):
+                answer = b""
+            if answer:
+                status = int(answer.split(b" ")[1])
+                assert 400 <= status < 600, answer[:200]
+        a.say(f"after garbage {i}")
+        b.wait(lambda m: m.get("msg") == f"after garbage {i}")

@@ -1,0 +1,142 @@
+"""Socket.IO protocol 5 on top of Engine.IO 4, driven by hand over a raw WebSocket:
+CONNECT with and without auth, unknown namespaces, events, acks, binary, DISCONNECT,
+and malformed packets, each of which closes its own session and nothing else."""
+import json
+
+import pytest
+
+from rawws import RawWS, Closed
+
+LOGIN = '42["msg",{"username":'
+
+
+def joined(server, auth=""):
+    """A raw client that has joined the room; returns it with its nickname."""
+    ws = RawWS.engineio(server)
+    assert ws.recv_message()[0] == "0"
+    ws.send_text("40" + auth)
+    answer = ws.recv_message()
+    assert answer.startswith('40{"sid":"'), answer
+    login = ws.recv_message()
+    assert login.startswith(LOGIN)
+    ws.sid = json.loads(answer[2:])["sid"]
+    ws.nick = json.loads(login[2:])[1]["username"]
+    return ws
+
+
+def events(ws, n):
+    return [ws.recv_message() for _ in range(n)]
+
+
+def test_connect_without_and_with_auth(server):
+    a = joined(server)
+    b = joined(server, '{"token":"abc","presence":"full"}')
+    assert len(a.sid) == 20 and len(b.sid) == 20 and a.sid != b.sid
+    assert a.recv_message().startswith(LOGIN)  # b's login
+    a.close()
+    b.close()
+
+
+def test_unknown_namespace_is_refused_and_the_session_lives(server):
+    ws = RawWS.engineio(server)
+    ws.recv_message()
+    ws.send_text('40/admin,{"token":"x"}')
+    assert ws.recv_message() == '44/admin,{"message":"Invalid namespace"}'
+    ws.send_text("40")
+    assert ws.recv_message().startswith('40{"sid":"')
+    ws.close()
+
+
+def test_event_with_ack(server):
+    a = joined(server)
+    a.send_text('4212["msg",{"msg":"ack me"}]')
+    relayed, ack = events(a, 2)
+    assert json.loads(relayed[2:]) == ["msg", {"msg": "ack me", "username": a.nick}]
+    assert ack == "4312[]"
+    a.close()
+
+
+def test_binary_event_with_ack(server):
+    a = joined(server)
+    a.send_text('451-7["msg",{"msg":"pic","data":{"_placeholder":true,"num":0}}]')
+    a.send_binary(b"\x89PNG")
+    head, attachment, ack = events(a, 3)
+    assert head.startswith("451-[")
+    assert json.loads(head[4:])[1]["username"] == a.nick
+    assert attachment == b"\x89PNG"
+    assert ack == "437[]"
+    a.close()
+
+
+def test_disconnect_leaves_the_room_and_can_rejoin(server):
+    a = joined(server)
+    b = joined(server)
+    assert a.recv_message().startswith(LOGIN)
+    b.send_text("41")
+    logout = json.loads(a.recv_message()[2:])[1]
+    assert logout == {"action": "logout", "username": b.nick, "name_list": [[a.nick, a.sid]]}
+    b.send_text("40")  # the Engine.IO session is still open
+    assert b.recv_message().startswith('40{"sid":"')
+    assert b.recv_message().startswith(LOGIN)
+    a.close()
+    b.close()
+
+
+def test_other_events_and_namespaces_are_ignored(server):
+    a = joined(server)
+    a.send_text('42["typing",true]')
+    a.send_text('42/other,["msg",{"msg":"nowhere"}]')
+    a.send_text('42["msg",{"msg":"marker"}]')
+    assert '"marker"' in a.recv_message()  # nothing came before it
+    a.close()
+
+
+MALFORMED = [
+    "4",                                   # an empty Socket.IO packet
+    "49",                                  # unknown type
+    "42",                                  # EVENT without data
+    "42{}",                                # EVENT data not an array
+    "42[]",                                # no event name
+    "42[1]",                               # event name not a string
+    '42["connect"]',                       # a reserved name
+    '42["msg",',                           # broken JSON
+    '42["msg","\\x"]',                     # bad escape
+    '42["msg",tru]',                       # bad literal
+    "42" + "[" * 100 + "]" * 100,          # too deep
+    '43["x"]',                             # ACK without an id
+    "40[1]",                               # CONNECT payload not an object
+    "41{}",                                # DISCONNECT with a payload
+    "44{}",                                # CONNECT_ERROR is the server's
+    '45-["msg"]',                          # binary without a count
+    '450-["msg"]',                         # binary with zero attachments
+    '451-["msg",{"_placeholder":true,"num":1}]',  # a placeholder with no attachment
+    '451-["msg",{"_placeholder":"yes","num":0}]',
+    '4' + '2["msg","' + 'a' * 10 + '"]' + '\x00',  # trailing garbage
+]
+
+
+@pytest.mark.parametrize("packet", MALFORMED)
+def test_malformed_packet_closes_only_that_session(server, packet):
+    good = joined(server)
+    bad = joined(server)
+    assert good.recv_message().startswith(LOGIN)
+    bad.send_text(packet)
+    assert bad.expect_close() is not None
+    logout = json.loads(good.recv_message()[2:])[1]
+    assert logout["action"] == "logout" and logout["username"] == bad.nick
+    good.send_text('42["msg",{"msg":"still fine"}]')
+    assert '"still fine"' in good.recv_message()
+    good.close()
+
+
+def test_text_while_attachments_are_due_closes(server):
+    ws = joined(server)
+    ws.send_text('451-["msg",{"_placeholder":true,"num":0}]')
+    ws.send_text('42["msg",{}]')
+    ws.expect_close()
+
+
+def test_binary_without_a_packet_closes(server):
+    ws = joined(server)
+    ws.send_binary(b"stray")
+    ws.expect_close()

@@ -3820,6 +3820,34 @@ static bool listening_ports(char *out, size_t cap, bool *ipv6_everywhere)
 	return false;
 }
 
+/* civetweb says only "Failed to setup server ports": find out why by trying ourselves. */
+static const char *port_problem(void)
+{
+	struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)opt.port)};
+	struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.port)};
+	bool v6 = opt.host && inet_pton(AF_INET6, opt.host, &a6.sin6_addr) == 1;
+	if (opt.host && !v6 && inet_pton(AF_INET, strcmp(opt.host, "localhost") == 0 ? "127.0.0.1"
+	                                               : opt.host, &a4.sin_addr) != 1)
+		return NULL;
+	int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		return NULL;
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	int r = v6 ? bind(fd, (struct sockaddr *)&a6, sizeof a6) : bind(fd, (struct sockaddr *)&a4, sizeof a4);
+	int e = errno;
+	close(fd);
+	if (r == 0)
+		return NULL;
+	if (e == EADDRINUSE)
+		return "it is in use (is another chatroom running? try --port)";
+	if (e == EACCES)
+		return "permission denied (ports below 1024 need root; try --port 5000)";
+	if (e == EADDRNOTAVAIL)
+		return "no interface has that address (see --host)";
+	return strerror(e);
+}
+
 static void print_addresses(bool ipv6)
 {
 	printf("chatroom %s: a Socket.IO chat room, %d places, path /socket.io/\n",
@@ -3908,9 +3936,9 @@ static void server_start(void)
 	mg_init_library(0);
 	http_ctx = mg_start2(&init, &err);
 	if (!http_ctx) {
-		if (strstr(error, "in use") || strstr(error, "bind"))
-			fprintf(stderr, "chatroom: cannot listen on port %d: it is in use (%s)\n",
-			        opt.port, error);
+		const char *why = port_problem();
+		if (why)
+			fprintf(stderr, "chatroom: cannot listen on port %d: %s\n", opt.port, why);
 		else
 			fprintf(stderr, "chatroom: cannot start the HTTP server: %s\n",
 			        error[0] ? error : "unknown error");

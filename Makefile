@@ -72,7 +72,7 @@ test-python:
 	CHATROOM=$(CHATROOM) $(PYTHON) -m pytest -q -p no:cacheprovider test/
 
 test-node: test/node_modules
-	CHATROOM=$(CHATROOM) node --test test/node/
+	CHATROOM=$(CHATROOM) node --test test/node/*.test.mjs
 
 test/node_modules: test/package.json test/package-lock.json
 	cd test && npm ci --no-audit --no-fund --loglevel=error

@@ -1088,10 +1088,23 @@ static struct {
 	struct strmap holders; /* nickname in use -> session index */
 } names;
 
+static void names_free(void)
+{
+	for (int i = 0; i < names.count; i++)
+		free(names.list[i]);
+	free(names.list);
+	free(names.index.slots);
+	free(names.free_names);
+	free(names.free_pos);
+	free(names.holders.slots);
+	memset(&names, 0, sizeof names);
+}
+
 /* Splits text into names: one a line, surrounding white space and blank lines ignored,
  * duplicates dropped. Returns an error message, or NULL. */
 static const char *names_load(const char *text, size_t len)
 {
+	names_free();
 	if (len >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0) /* a byte-order mark */
 		text += 3, len -= 3;
 	if (!utf8_valid(text, len))

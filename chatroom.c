@@ -345,6 +345,7 @@ static void buf_free(struct buf *b)
  * The log. Joins and leaves happen under room_lock, and printing there could block the
  * whole room on a terminal or pipe that is not read. So lines go into a bounded buffer and
  * the main thread prints them; if nobody reads our output, lines are dropped and counted.
+ * The buffer's lock is a leaf: taken last, held only to copy a line.
  */
 static struct {
 	pthread_mutex_t lock;
@@ -1355,16 +1356,14 @@ struct endpoint {
 /* A session's membership in one Socket.IO namespace. */
 struct sio_socket {
 	bool connected;
-	char sid[NSP_MAX + SID_LEN + 2]; /* protocol 4 names sockets "/nsp#<engine sid>" */
+	char sid[SID_LEN + 1];
 };
 
 /* A binary Socket.IO packet whose attachments are still arriving. */
 struct sio_pending {
-	bool active;
-	int type, nsp, expected, received;
-	int64_t ack;
-	struct blob *header; /* the packet's JSON */
-	struct blob *att[MAX_ATTACHMENTS];
+	int expected, received; /* expected 0: none pending */
+	struct blob *header;    /* the packet, as text */
+	struct blob **att;      /* `expected` of them */
 };
 
 struct session {
@@ -1412,34 +1411,27 @@ struct session {
 
 	/* the chat room */
 	char *nick;
-	bool delta; /* asked for delta presence */
 };
 
 static pthread_mutex_t room_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct session sessions[MAX_SESSIONS];
 static pthread_cond_t session_wakes[MAX_SESSIONS];
-static int free_slots[MAX_SESSIONS], nfree_slots;
-static int slots_high;        /* one past the highest slot ever used: scans stop there */
+static int free_slots[MAX_SESSIONS], nfree_slots; /* slots used before, free again */
+static int slots_high;        /* slots from here on were never used: untouched memory */
+static pthread_condattr_t monotonic; /* long-poll waits time out on the monotonic clock */
 static int session_capacity;  /* how many may be open at once: room size plus slack */
 static int sessions_open;
 static struct strmap sids;    /* sid of an open session -> its slot */
 static struct session *doomed_head;
 static struct session *dirty_head; /* queues for the wire thread to write */
-static bool stopping;          /* the server is shutting down */
+static atomic_bool stopping;   /* the server is shutting down */
 
 static void wire_wake(void);
 
 static void sessions_init(void)
 {
-	pthread_condattr_t monotonic;
 	pthread_condattr_init(&monotonic);
 	pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
-	for (int i = 0; i < MAX_SESSIONS; i++) {
-		sessions[i].index = i;
-		pthread_cond_init(&session_wakes[i], &monotonic);
-		free_slots[i] = MAX_SESSIONS - 1 - i;
-	}
-	nfree_slots = MAX_SESSIONS;
 	session_capacity = opt.max_clients + 16 + opt.max_clients / 8;
 	if (session_capacity > MAX_SESSIONS)
 		session_capacity = MAX_SESSIONS;
@@ -1470,10 +1462,18 @@ static struct session *session_find(const char *sid)
 /* A new open session, or NULL when all places are taken. room_lock held. */
 static struct session *session_new(const struct endpoint *ep, int eio, enum transport t)
 {
-	if (sessions_open >= session_capacity || nfree_slots == 0)
+	if (sessions_open >= session_capacity)
 		return NULL;
-	struct session *s = &sessions[free_slots[--nfree_slots]];
-	int index = s->index;
+	int index;
+	if (nfree_slots > 0) {
+		index = free_slots[--nfree_slots];
+	} else if (slots_high < MAX_SESSIONS) {
+		index = slots_high++; /* a slot's memory is first touched when first used */
+		pthread_cond_init(&session_wakes[index], &monotonic);
+	} else {
+		return NULL;
+	}
+	struct session *s = &sessions[index];
 	uint32_t gen = s->gen + 1;
 	memset(s, 0, sizeof *s);
 	s->index = index;
@@ -1481,8 +1481,6 @@ static struct session *session_new(const struct endpoint *ep, int eio, enum tran
 	s->heap_pos = -1;
 	s->get_fd = -1;
 	s->wake = &session_wakes[index];
-	if (index + 1 > slots_high)
-		slots_high = index + 1;
 	s->state = S_OPEN;
 	s->ep = ep;
 	s->eio = eio;
@@ -2274,33 +2272,36 @@ struct wsconn {
 };
 
 static struct wsconn wsconns[MAX_WEBSOCKETS];
-static int ws_free[MAX_WEBSOCKETS], ws_nfree; /* guarded by room_lock */
+static int ws_free[MAX_WEBSOCKETS], ws_nfree, ws_high, ws_in_use; /* guarded by room_lock */
 static pthread_cond_t ws_released = PTHREAD_COND_INITIALIZER;
 static struct wsconn *ws_timed; /* sockets with deadlines; guarded by room_lock */
 
-static void ws_init(void)
+/* A free wsconn, or NULL. Slots are handed out like session slots. room_lock held. */
+static struct wsconn *ws_alloc(void)
 {
-	for (int i = 0; i < MAX_WEBSOCKETS; i++) {
-		wsconns[i].index = i;
-		wsconns[i].fd = -1;
-		ws_free[i] = MAX_WEBSOCKETS - 1 - i;
-	}
-	ws_nfree = MAX_WEBSOCKETS;
-}
-
-/* A free wsconn, or NULL. room_lock held. */
-static struct wsconn *ws_alloc(int fd)
-{
-	if (ws_nfree == 0)
+	int index;
+	if (ws_nfree > 0)
+		index = ws_free[--ws_nfree];
+	else if (ws_high < MAX_WEBSOCKETS)
+		index = ws_high++;
+	else
 		return NULL;
-	struct wsconn *ws = &wsconns[ws_free[--ws_nfree]];
-	int index = ws->index;
+	struct wsconn *ws = &wsconns[index];
 	uint32_t gen = ws->gen + 1;
 	memset(ws, 0, sizeof *ws);
 	ws->index = index;
 	ws->gen = gen;
-	ws->fd = fd;
+	ws->fd = -1;
+	ws->state = WS_PROBING; /* reserved; the caller says what it becomes */
+	ws_in_use++;
 	return ws;
+}
+
+static void ws_release_slot(struct wsconn *ws)
+{
+	ws->state = WS_FREE;
+	ws_free[ws_nfree++] = ws->index;
+	ws_in_use--;
 }
 
 static size_t ws_frame_header(unsigned char *h, int opcode, size_t len)
@@ -2473,8 +2474,7 @@ static void ws_destroy(struct wsconn *ws)
 		*pp = ws->next_timed;
 		ws->timed = false;
 	}
-	ws->state = WS_FREE;
-	ws_free[ws_nfree++] = ws->index;
+	ws_release_slot(ws);
 	pthread_cond_broadcast(&ws_released);
 	room_unlock();
 }
@@ -2925,7 +2925,7 @@ static void *wire_main(void *arg)
 		while ((due = timer_due(now)))
 			eio_timer_fire(due, now);
 		int wait = timer_wait_ms(now);
-		bool quit = stopping && ws_nfree == MAX_WEBSOCKETS;
+		bool quit = stopping && ws_in_use == 0;
 		room_unlock();
 		if (quit)
 			break;
@@ -3066,19 +3066,16 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 		return eio_error_reply(c, E_REQUEST);
 
 	room_lock_acquire();
-	struct wsconn *ws = stopping ? NULL : ws_alloc(-1);
+	struct wsconn *ws = stopping ? NULL : ws_alloc();
 	bool room = sid || sessions_open < session_capacity;
 	if (!ws || !room) {
-		if (ws) {
-			ws->state = WS_FREE;
-			ws_free[ws_nfree++] = ws->index;
-		}
+		if (ws)
+			ws_release_slot(ws);
 		room_unlock();
 		return http_reply(c, 503, "application/json", headers,
 		                  "{\"code\":3,\"message\":\"server full\"}", 35);
 	}
-	ws->state = WS_PROBING; /* reserved; not yet known to the wire thread */
-	room_unlock();
+	room_unlock(); /* the slot is reserved; the wire thread does not know it yet */
 
 	char accept[29];
 	ws_accept_key(key, accept);
@@ -3105,8 +3102,7 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 	}
 	if (!s) {
 		/* The session went, or filled up, between our check and now. */
-		ws->state = WS_FREE;
-		ws_free[ws_nfree++] = ws->index;
+		ws_release_slot(ws);
 		room_unlock();
 		if (fd >= 0 && !worker_waits)
 			close(fd);
@@ -3353,16 +3349,15 @@ static bool placeholders_ok(const json_t *v, int attachments)
 	return true;
 }
 
-/* The session's socket id in a namespace, as Node names it. */
+/* The session's socket id in a namespace: a fresh one in protocol 5; in protocol 4 the
+ * Engine.IO sid, as Node does for "/" (elsewhere Node writes "/nsp#sid", which no client
+ * of ours is ever shown). */
 static void sio_make_sid(struct session *s, int slot)
 {
-	struct sio_socket *sk = &s->nsp[slot];
 	if (s->eio == 4)
-		make_sid(sk->sid);
-	else if (strcmp(namespaces[slot]->name, "/") == 0)
-		snprintf(sk->sid, sizeof sk->sid, "%s", s->sid);
+		make_sid(s->nsp[slot].sid);
 	else
-		snprintf(sk->sid, sizeof sk->sid, "%s#%s", namespaces[slot]->name, s->sid);
+		memcpy(s->nsp[slot].sid, s->sid, SID_LEN + 1);
 }
 
 static void sio_refuse(struct session *s, const char *nsp, const char *message)
@@ -3421,6 +3416,7 @@ static void sio_pending_clear(struct session *s)
 	blob_unref(pd->header);
 	for (int i = 0; i < pd->received; i++)
 		blob_unref(pd->att[i]);
+	free(pd->att);
 	memset(pd, 0, sizeof *pd);
 }
 
@@ -3457,7 +3453,7 @@ static void sio_attachment(struct session *s, const char *data, size_t len)
 		room_unlock();
 		return;
 	}
-	if (!pd->active) {
+	if (!pd->expected) {
 		session_close(s, "parse error"); /* binary data when no packet expects it */
 		room_unlock();
 		return;
@@ -3506,11 +3502,14 @@ static void sio_on_message(struct session *s, const char *data, size_t len, bool
 	room_lock_acquire();
 	if (s->state != S_OPEN) {
 		/* closed meanwhile */
-	} else if (s->pending.active) {
+	} else if (s->pending.expected) {
 		session_close(s, "parse error"); /* text while attachments were due */
 	} else if (p.attachments > 0) {
 		s->pending = (struct sio_pending){
-			.active = true, .expected = p.attachments, .header = blob_of(data, len)};
+			.expected = p.attachments,
+			.header = blob_of(data, len),
+			.att = xmalloc((size_t)p.attachments * sizeof(struct blob *)),
+		};
 	} else {
 		sio_dispatch(s, &p, NULL);
 	}
@@ -3645,7 +3644,8 @@ static void chat_leave(struct session *s, int slot, const char *reason)
 	name_release(s->nick);
 	if (!opt.quiet)
 		log_line("leave %s (sid %s): %s", s->nick, s->nsp[slot].sid, reason ? reason : "");
-	room_announce("logout", s->nick);
+	if (!stopping) /* at shutdown everyone leaves: nobody is left to tell */
+		room_announce("logout", s->nick);
 	free(s->nick);
 	s->nick = NULL;
 }
@@ -3765,12 +3765,12 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 	return eio_error_reply(c, E_REQUEST);
 }
 
-static int serve_home(struct mg_connection *c)
+static int serve_home(struct mg_connection *c, bool head)
 {
 	static const char text[] =
 		"chatroom " CHATROOM_VERSION " is running.\n"
 		"Connect a Socket.IO client to this address (path /socket.io/).\n";
-	return http_reply(c, 200, "text/plain; charset=UTF-8", NULL, text, sizeof text - 1);
+	return http_reply(c, 200, "text/plain; charset=UTF-8", NULL, text, head ? 0 : sizeof text - 1);
 }
 
 static int on_request(struct mg_connection *c)
@@ -3783,9 +3783,9 @@ static int on_request(struct mg_connection *c)
 		if (strncmp(uri, path, n) == 0 || (strncmp(uri, path, n - 1) == 0 && uri[n - 1] == 0))
 			return eio_http(c, endpoints[i]);
 	}
-	if (strcmp(uri, "/") == 0 &&
-	    (strcmp(ri->request_method, "GET") == 0 || strcmp(ri->request_method, "HEAD") == 0))
-		return serve_home(c);
+	bool head = strcmp(ri->request_method, "HEAD") == 0;
+	if (strcmp(uri, "/") == 0 && (head || strcmp(ri->request_method, "GET") == 0))
+		return serve_home(c, head);
 	return http_reply(c, 404, "text/plain", NULL, "Not Found\n", 10);
 }
 
@@ -3908,7 +3908,6 @@ static void server_start(void)
 	random_bytes(&seed, sizeof seed);
 	rng_state = seed | 1;
 	sessions_init();
-	ws_init();
 
 	wire_epfd = epoll_create1(EPOLL_CLOEXEC);
 	wire.evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -287,14 +287,15 @@ static void test_timers(void)
 	sessions_init();
 	int64_t at[] = {50, 10, 40, 20, 30, 60, 5};
 	for (int i = 0; i < 7; i++) {
+		sessions[i].index = i;
 		sessions[i].heap_pos = -1;
 		timer_set(&sessions[i], at[i]);
 	}
 	timer_cancel(&sessions[2]);             /* 40 goes */
 	timer_set(&sessions[5], 1);             /* 60 becomes the first */
-	int64_t order[6], n = 0;
+	int64_t order[8], n = 0;
 	struct session *s;
-	while ((s = timer_due(1000))) {
+	while (n < 8 && (s = timer_due(1000))) {
 		order[n++] = s->timer_at;
 		timer_cancel(s);
 	}

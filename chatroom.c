@@ -3154,8 +3154,9 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
  * carries no sid, and CONNECT_ERROR carries a bare string.
  *
  * Namespaces are served by handlers registered at start-up; a session's sockets are the
- * slots of its nsp[] array, one per registered namespace. Anything malformed closes the
- * session, as Node's parser does; a CONNECT to a namespace nobody serves is refused.
+ * slots of its nsp[] array, one per registered namespace. A CONNECT to a namespace nobody
+ * serves is refused with CONNECT_ERROR. Anything malformed, and anything out of order (a
+ * packet for a namespace not joined, a second CONNECT), closes the session, as Node does.
  */
 enum { SIO_CONNECT, SIO_DISCONNECT, SIO_EVENT, SIO_ACK, SIO_CONNECT_ERROR, SIO_BINARY_EVENT,
        SIO_BINARY_ACK };
@@ -3381,14 +3382,16 @@ static void sio_connect(struct session *s, const char *nsp, const json_t *auth)
 		return;
 	}
 	struct sio_socket *sk = &s->nsp[slot];
-	if (!sk->connected) {
-		const char *refusal = namespaces[slot]->admit(s, slot, auth);
-		if (refusal) {
-			sio_refuse(s, nsp, refusal);
-			return;
-		}
-		sio_make_sid(s, slot);
+	if (sk->connected) {
+		session_close(s, "invalid state"); /* a second CONNECT: Node closes, so do we */
+		return;
 	}
+	const char *refusal = namespaces[slot]->admit(s, slot, auth);
+	if (refusal) {
+		sio_refuse(s, nsp, refusal);
+		return;
+	}
+	sio_make_sid(s, slot);
 	if (s->eio == 4) {
 		char json[64 + SID_LEN];
 		int n = snprintf(json, sizeof json, "{\"sid\":\"%s\"}", sk->sid);
@@ -3396,10 +3399,8 @@ static void sio_connect(struct session *s, const char *nsp, const json_t *auth)
 	} else {
 		sio_send(s, SIO_CONNECT, nsp, -1, "", 0);
 	}
-	if (!sk->connected) { /* a repeated CONNECT is only answered again */
-		sk->connected = true;
-		namespaces[slot]->on_connect(s, slot, auth);
-	}
+	sk->connected = true;
+	namespaces[slot]->on_connect(s, slot, auth);
 }
 
 static void sio_leave(struct session *s, int slot, const char *reason)
@@ -3428,8 +3429,12 @@ static void sio_dispatch(struct session *s, struct sio_packet *p, struct blob *c
 		return;
 	}
 	int slot = sio_slot(p->nsp);
-	if (slot < 0 || !s->nsp[slot].connected)
-		return; /* not joined there: ignored, as Node does */
+	if (slot < 0 || !s->nsp[slot].connected) {
+		/* The protocol: "If the server does not receive a CONNECT packet first, then it
+		 * MUST close the connection immediately." */
+		session_close(s, "invalid state");
+		return;
+	}
 	if (p->type == SIO_DISCONNECT)
 		sio_leave(s, slot, "client namespace disconnect");
 	else if (p->type == SIO_EVENT || p->type == SIO_BINARY_EVENT)

@@ -82,13 +82,30 @@ def test_disconnect_leaves_the_room_and_can_rejoin(server):
     b.close()
 
 
-def test_other_events_and_namespaces_are_ignored(server):
+def test_other_events_are_ignored(server):
     a = joined(server)
     a.send_text('42["typing",true]')
-    a.send_text('42/other,["msg",{"msg":"nowhere"}]')
     a.send_text('42["msg",{"msg":"marker"}]')
     assert '"marker"' in a.recv_message()  # nothing came before it
     a.close()
+
+
+@pytest.mark.parametrize("packet", ['42/other,["msg",{}]', "40", '41/other,'])
+def test_out_of_order_packets_close_the_session(server, packet):
+    """A packet for a namespace not joined, or a second CONNECT: Node closes."""
+    good = joined(server)
+    bad = joined(server)
+    assert good.recv_message().startswith(LOGIN)
+    bad.send_text(packet)
+    bad.expect_close()
+    assert '"logout"' in good.recv_message()
+
+
+def test_nothing_before_connect(server):
+    ws = RawWS.engineio(server)
+    ws.recv_message()
+    ws.send_text('42["msg",{"msg":"too early"}]')
+    ws.expect_close()
 
 
 MALFORMED = [

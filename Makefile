@@ -33,7 +33,8 @@ SANITIZE      := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 
 SOURCES := chatroom.c name.txt Makefile
 
-.PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean
+.PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean \
+        protocol-server
 
 all: chatroom
 
@@ -42,6 +43,12 @@ chatroom: $(SOURCES) $(CIVETWEB_C) | check-deps
 
 $(BUILD)/chatroom-asan: $(SOURCES) $(CIVETWEB_C) | check-deps
 	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ chatroom.c -ljansson
+
+$(BUILD)/protocol-server: test/protocol-server.c $(SOURCES) $(CIVETWEB_C) | check-deps
+	$(CC) $(WARNINGS) $(CFLAGS) $(EMBED) -pthread -o $@ test/protocol-server.c $(JANSSON_STATIC)
+
+$(BUILD)/protocol-server-asan: test/protocol-server.c $(SOURCES) $(CIVETWEB_C) | check-deps
+	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/protocol-server.c -ljansson
 
 $(BUILD)/unit: test/unit.c $(SOURCES) $(CIVETWEB_C) | check-deps
 	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/unit.c -ljansson
@@ -55,6 +62,10 @@ check-deps:
 
 run: chatroom
 	./chatroom
+
+# The server the official Engine.IO and Socket.IO test suites expect: port 3000.
+protocol-server: $(BUILD)/protocol-server
+	$(BUILD)/protocol-server
 
 # ---- tests ----------------------------------------------------------------------------
 # Every suite runs against the binary named by CHATROOM; `make test` runs them all twice.

@@ -133,6 +133,10 @@ static struct options {
 	long queue_limit;       /* bytes: outbound queue of one client; over it, it is dropped */
 	int threads;            /* civetweb workers; 0: enough for every client to long-poll */
 	bool quiet;             /* no join/leave log */
+	int flood_limit;        /* messages a second a client may send; 0: no limit */
+	const char *path;       /* where Engine.IO listens: "/socket.io/" */
+	const char *cors[16];   /* origins allowed to use us from a browser page elsewhere */
+	int ncors;              /* 0: no CORS headers at all, as Node's socket.io by default */
 } opt = {
 	.host = NULL,
 	.port = 5000,
@@ -144,6 +148,8 @@ static struct options {
 	.queue_limit = 0, /* 0: chosen from max_payload in parse_options */
 	.threads = 0,
 	.quiet = false,
+	.flood_limit = 100,
+	.path = "/socket.io/",
 };
 
 static void usage(FILE *f)
@@ -166,6 +172,13 @@ static void usage(FILE *f)
 	        "                           at least 1 MiB)\n"
 	        "      --threads N          HTTP worker threads (default: max-clients plus\n"
 	        "                           a margin, so that every client can long-poll)\n"
+	        "      --flood-limit N      messages a second one client may send, in bursts\n"
+	        "                           of up to 2N; a client over it is disconnected\n"
+	        "                           (default 100; 0: no limit)\n"
+	        "      --path PATH          where Socket.IO clients connect (default /socket.io/)\n"
+	        "      --cors-origin ORIGIN a web page's origin allowed to connect from another\n"
+	        "                           site, like https://example.org; repeatable; * for\n"
+	        "                           any. With a list, other origins are refused (403)\n"
 	        "  -q, --quiet              do not log joins and leaves\n"
 	        "  -h, --help               show this help and exit\n"
 	        "  -V, --version            show the version and exit\n"
@@ -190,20 +203,38 @@ static long parse_number(const char *flag, const char *arg, long lo, long hi)
 	return v;
 }
 
+/* "/chat" or "chat/" become "/chat/": Engine.IO paths begin and end with a slash. */
+static const char *normalize_path(const char *arg)
+{
+	size_t n = strlen(arg);
+	if (n == 0 || n > 200 || strpbrk(arg, "?# \t")) {
+		fprintf(stderr, "chatroom: --path wants a path like /socket.io/, not '%s'\n", arg);
+		exit(2);
+	}
+	char *p = malloc(n + 3);
+	if (!p)
+		abort();
+	snprintf(p, n + 3, "%s%s%s", arg[0] == '/' ? "" : "/", arg, arg[n - 1] == '/' ? "" : "/");
+	return p;
+}
+
 static void parse_options(int argc, char **argv)
 {
-	enum { O_PING_INTERVAL = 256, O_PING_TIMEOUT, O_MAX_PAYLOAD, O_MAX_CLIENTS,
-	       O_QUEUE_LIMIT, O_THREADS };
+	enum { OPT_PING_INTERVAL = 256, OPT_PING_TIMEOUT, OPT_MAX_PAYLOAD, OPT_MAX_CLIENTS,
+	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD };
 	static const struct option longopts[] = {
 		{"port", required_argument, NULL, 'p'},
 		{"host", required_argument, NULL, 'H'},
 		{"names", required_argument, NULL, 'n'},
-		{"ping-interval", required_argument, NULL, O_PING_INTERVAL},
-		{"ping-timeout", required_argument, NULL, O_PING_TIMEOUT},
-		{"max-payload", required_argument, NULL, O_MAX_PAYLOAD},
-		{"max-clients", required_argument, NULL, O_MAX_CLIENTS},
-		{"queue-limit", required_argument, NULL, O_QUEUE_LIMIT},
-		{"threads", required_argument, NULL, O_THREADS},
+		{"ping-interval", required_argument, NULL, OPT_PING_INTERVAL},
+		{"ping-timeout", required_argument, NULL, OPT_PING_TIMEOUT},
+		{"max-payload", required_argument, NULL, OPT_MAX_PAYLOAD},
+		{"max-clients", required_argument, NULL, OPT_MAX_CLIENTS},
+		{"queue-limit", required_argument, NULL, OPT_QUEUE_LIMIT},
+		{"threads", required_argument, NULL, OPT_THREADS},
+		{"path", required_argument, NULL, OPT_PATH},
+		{"cors-origin", required_argument, NULL, OPT_CORS},
+		{"flood-limit", required_argument, NULL, OPT_FLOOD},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -215,23 +246,37 @@ static void parse_options(int argc, char **argv)
 		case 'p': opt.port = (int)parse_number("--port", optarg, 1, 65535); break;
 		case 'H': opt.host = optarg; break;
 		case 'n': opt.names_file = optarg; break;
-		case O_PING_INTERVAL:
+		case OPT_PING_INTERVAL:
 			opt.ping_interval = (int)parse_number("--ping-interval", optarg, 10, 3600000);
 			break;
-		case O_PING_TIMEOUT:
+		case OPT_PING_TIMEOUT:
 			opt.ping_timeout = (int)parse_number("--ping-timeout", optarg, 10, 3600000);
 			break;
-		case O_MAX_PAYLOAD:
+		case OPT_MAX_PAYLOAD:
 			opt.max_payload = parse_number("--max-payload", optarg, 64, 100000000);
 			break;
-		case O_MAX_CLIENTS:
+		case OPT_MAX_CLIENTS:
 			opt.max_clients = (int)parse_number("--max-clients", optarg, 1, MAX_CLIENTS);
 			break;
-		case O_QUEUE_LIMIT:
+		case OPT_QUEUE_LIMIT:
 			opt.queue_limit = parse_number("--queue-limit", optarg, 1024, 1L << 30);
 			break;
-		case O_THREADS:
+		case OPT_THREADS:
 			opt.threads = (int)parse_number("--threads", optarg, 4, 65536);
+			break;
+		case OPT_FLOOD:
+			opt.flood_limit = (int)parse_number("--flood-limit", optarg, 0, 1000000);
+			break;
+		case OPT_PATH:
+			opt.path = normalize_path(optarg);
+			break;
+		case OPT_CORS:
+			if (opt.ncors == (int)(sizeof opt.cors / sizeof *opt.cors)) {
+				fprintf(stderr, "chatroom: at most %zu --cors-origin flags\n",
+				        sizeof opt.cors / sizeof *opt.cors);
+				exit(2);
+			}
+			opt.cors[opt.ncors++] = optarg;
 			break;
 		case 'q': opt.quiet = true; break;
 		case 'h': usage(stdout); exit(0);
@@ -666,10 +711,12 @@ static int strmap_get(const struct strmap *m, const char *key)
 	return m->slots[i].key ? m->slots[i].value : -1;
 }
 
+/* Sets key's value; a key already there keeps the string it was added with. */
 static void strmap_put(struct strmap *m, const char *key, int value)
 {
 	size_t i = strmap_find_slot(m, key);
-	m->slots[i].key = key;
+	if (!m->slots[i].key)
+		m->slots[i].key = key;
 	m->slots[i].value = value;
 }
 
@@ -1285,7 +1332,7 @@ struct outq {
 	unsigned head, count, cap;
 };
 
-static void outq_push(struct outq *q, struct packet p)
+static void outq_grow(struct outq *q)
 {
 	if (q->count == q->cap) {
 		unsigned cap = q->cap ? q->cap * 2 : 8;
@@ -1295,7 +1342,20 @@ static void outq_push(struct outq *q, struct packet p)
 		free(q->ring);
 		q->ring = ring, q->head = 0, q->cap = cap;
 	}
+}
+
+static void outq_push(struct outq *q, struct packet p)
+{
+	outq_grow(q);
 	q->ring[(q->head + q->count++) % q->cap] = p;
+}
+
+static void outq_push_front(struct outq *q, struct packet p)
+{
+	outq_grow(q);
+	q->head = (q->head + q->cap - 1) % q->cap;
+	q->ring[q->head] = p;
+	q->count++;
 }
 
 static struct packet outq_pop(struct outq *q)
@@ -1411,6 +1471,8 @@ struct session {
 
 	/* the chat room */
 	char *nick;
+	double flood_tokens; /* messages it may still send at once */
+	int64_t flood_at;    /* when the tokens were last counted */
 };
 
 static pthread_mutex_t room_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -1539,6 +1601,17 @@ static void session_send(struct session *s, struct blob *b, bool binary)
 		return;
 	}
 	outq_push(&s->q, (struct packet){blob_ref(b), binary});
+	s->qbytes += packet_cost(p);
+	session_kick(s);
+}
+
+/* Queues a text packet ahead of everything else. room_lock held. */
+static void session_send_first(struct session *s, struct blob *b)
+{
+	if (s->state != S_OPEN || s->doomed)
+		return;
+	struct packet p = {blob_ref(b), false};
+	outq_push_front(&s->q, p);
 	s->qbytes += packet_cost(p);
 	session_kick(s);
 }
@@ -1918,7 +1991,14 @@ static struct session *eio_open(const struct endpoint *ep, int eio, enum transpo
 static void eio_timer_fire(struct session *s, int64_t now)
 {
 	if (s->eio == 4 && !s->awaiting_pong) {
-		session_send_text(s, "2");
+		/* Over polling the ping jumps the queue: a client working through a backlog a
+		 * long-poll at a time must still see it within pingTimeout. */
+		struct blob *ping = blob_of("2", 1);
+		if (s->transport == POLLING)
+			session_send_first(s, ping);
+		else
+			session_send(s, ping, false);
+		blob_unref(ping);
 		s->awaiting_pong = true;
 		s->deadline_refreshed = false;
 		timer_set(s, now + s->ep->ping_timeout);
@@ -2049,12 +2129,12 @@ static int http_reply(struct mg_connection *c, int status, const char *type,
 	return status;
 }
 
-static int eio_error_reply(struct mg_connection *c, enum eio_error code)
+static int eio_error_reply(struct mg_connection *c, enum eio_error code, const char *headers)
 {
 	char body[96];
 	int n = snprintf(body, sizeof body, "{\"code\":%d,\"message\":\"%s\"}", (int)code,
 	                 eio_error_text[code]);
-	return http_reply(c, code == E_FORBIDDEN ? 403 : 400, "application/json", NULL, body,
+	return http_reply(c, code == E_FORBIDDEN ? 403 : 400, "application/json", headers, body,
 	                  (size_t)n);
 }
 
@@ -2103,7 +2183,7 @@ static int poll_get(struct mg_connection *c, struct session *s, const char *head
 	if (s->get_active) { /* a second GET at once: Node calls it an overlap and closes */
 		session_close(s, "transport error");
 		room_unlock();
-		return eio_error_reply(c, E_REQUEST);
+		return eio_error_reply(c, E_REQUEST, headers);
 	}
 	s->get_active = true;
 	s->users++;
@@ -2111,10 +2191,12 @@ static int poll_get(struct mg_connection *c, struct session *s, const char *head
 	/* While a WebSocket probe is under way, a GET is released with noop: at once if it
 	 * was waiting when the probe came, else after 100 ms, as Node's upgrade check does. */
 	bool released = false;
-	while (s->state == S_OPEN && s->transport == POLLING && s->q.count == 0 && !released) {
+	for (;;) {
+		reap_doomed(); /* before testing: closing a doomed session may concern us */
+		if (s->state != S_OPEN || s->transport != POLLING || s->q.count || released)
+			break;
 		bool probing = s->probed;
 		s->get_parked = true;
-		reap_doomed();
 		if (probing) {
 			struct timespec until;
 			clock_gettime(CLOCK_MONOTONIC, &until);
@@ -2189,7 +2271,7 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
 	if (s->post_active || (binary_body && s->eio == 4)) {
 		session_close(s, "transport error"); /* a second POST at once, or binary in v4 */
 		room_unlock();
-		return eio_error_reply(c, E_REQUEST);
+		return eio_error_reply(c, E_REQUEST, headers);
 	}
 	s->post_active = true;
 	s->users++;
@@ -2215,7 +2297,7 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
 		return http_reply(c, 413, "text/plain", headers, "", 0);
 	}
 	if (malformed)
-		return eio_error_reply(c, E_REQUEST);
+		return eio_error_reply(c, E_REQUEST, headers);
 	return http_reply(c, 200, "text/html", headers, "ok", 2);
 }
 
@@ -2238,7 +2320,7 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
  * Control frames (pong, close, the 3probe answer) go in `ctl`, between whole frames.
  */
 enum { WS_BATCH = 64, WS_CTL_MAX = 512 };
-enum ws_state { WS_FREE, WS_PROBING, WS_OPEN, WS_CLOSING };
+enum ws_state { WS_FREE, WS_PROBING, WS_OPEN, WS_CLOSING, WS_DEAD };
 
 struct wsconn {
 	enum ws_state state;
@@ -2253,6 +2335,7 @@ struct wsconn {
 	int64_t deadline;  /* probing: upgrade by then; closing: give up on the peer then */
 	bool timed;        /* on the wire's list of sockets with deadlines */
 	struct wsconn *next_timed;
+	struct wsconn *next_dead; /* destroyed this round; its slot is freed at its end */
 
 	/* reading */
 	unsigned char *rbuf; /* an unfinished frame */
@@ -2275,6 +2358,7 @@ static struct wsconn wsconns[MAX_WEBSOCKETS];
 static int ws_free[MAX_WEBSOCKETS], ws_nfree, ws_high, ws_in_use; /* guarded by room_lock */
 static pthread_cond_t ws_released = PTHREAD_COND_INITIALIZER;
 static struct wsconn *ws_timed; /* sockets with deadlines; guarded by room_lock */
+static struct wsconn *ws_dead;  /* destroyed this round; wire thread only */
 
 /* A free wsconn, or NULL. Slots are handed out like session slots. room_lock held. */
 static struct wsconn *ws_alloc(void)
@@ -2334,6 +2418,8 @@ static void ws_control(struct wsconn *ws, int opcode, const void *payload, size_
 	ws->ctl_len += len;
 }
 
+/* Gives a socket a deadline; the wire thread, maybe asleep, must recompute its wait.
+ * room_lock held. */
 static void ws_set_deadline(struct wsconn *ws, int64_t at)
 {
 	ws->deadline = at;
@@ -2342,6 +2428,7 @@ static void ws_set_deadline(struct wsconn *ws, int64_t at)
 		ws->next_timed = ws_timed;
 		ws_timed = ws;
 	}
+	wire_wake();
 }
 
 static void ws_arm_write(struct wsconn *ws, bool on)
@@ -2454,7 +2541,11 @@ static bool ws_send(struct wsconn *ws)
 	return true;
 }
 
-/* Lets go of a socket for good. Wire thread. */
+/*
+ * Lets go of a socket for good. Its slot goes back to the free list only at the end of the
+ * wire thread's round (wire_bury): until then, events of this round that name it find it
+ * WS_DEAD, never reused by a worker meanwhile. Wire thread.
+ */
 static void ws_destroy(struct wsconn *ws)
 {
 	epoll_ctl(wire_epfd, EPOLL_CTL_DEL, ws->fd, NULL);
@@ -2474,8 +2565,21 @@ static void ws_destroy(struct wsconn *ws)
 		*pp = ws->next_timed;
 		ws->timed = false;
 	}
-	ws_release_slot(ws);
-	pthread_cond_broadcast(&ws_released);
+	room_unlock();
+	ws->state = WS_DEAD;
+	ws->next_dead = ws_dead;
+	ws_dead = ws;
+}
+
+/* Hands the slots of the sockets destroyed this round back. Wire thread. */
+static void wire_bury(void)
+{
+	if (!ws_dead)
+		return;
+	room_lock_acquire();
+	for (; ws_dead; ws_dead = ws_dead->next_dead)
+		ws_release_slot(ws_dead);
+	pthread_cond_broadcast(&ws_released); /* Debian's library: workers wait for their slot */
 	room_unlock();
 }
 
@@ -2871,8 +2975,8 @@ static void wire_get_hangup(uint32_t gen, int index)
 {
 	room_lock_acquire();
 	struct session *s = &sessions[index];
-	if ((s->gen & 0xFFFFFF) == gen && s->state == S_OPEN && s->get_fd >= 0) {
-		get_unwatch(s);
+	if ((s->gen & 0xFFFFFF) == gen && s->get_fd >= 0) {
+		get_unwatch(s); /* level-triggered: unwatched at once, or it fires every round */
 		session_close(s, "transport error");
 	}
 	room_unlock();
@@ -2933,6 +3037,7 @@ static void *wire_main(void *arg)
 		if (wait_ws >= 0 && (wait < 0 || wait_ws < wait))
 			wait = wait_ws;
 		wire_flush();
+		wire_bury();
 		if (stopping && (wait < 0 || wait > 50))
 			wait = 50;
 
@@ -2949,16 +3054,17 @@ static void *wire_main(void *arg)
 			} else if (kind == TAG_GET) {
 				wire_get_hangup(gen, index);
 			} else if (kind == TAG_WS) {
+				/* A socket destroyed earlier in this round is WS_DEAD, not yet reused. */
 				struct wsconn *ws = &wsconns[index];
-				if (ws->state == WS_FREE || (ws->gen & 0xFFFFFF) != gen)
-					continue; /* an event for a socket already let go of */
+				if (ws->state == WS_DEAD || (ws->gen & 0xFFFFFF) != gen)
+					continue;
 				if (ev[i].events & EPOLLOUT)
 					wire_writable(ws);
-				if (ws->state != WS_FREE && (ws->gen & 0xFFFFFF) == gen &&
+				if (ws->state != WS_DEAD &&
 				    (ev[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
 					ws_read(ws);
 				/* answers to what it read: pongs, 3probe, a close frame */
-				if (ws->state != WS_FREE && (ws->gen & 0xFFFFFF) == gen && ws->ctl_len) {
+				if (ws->state != WS_DEAD && ws->ctl_len) {
 					if (!ws_send(ws))
 						ws_lost(ws, "transport error");
 					else
@@ -2967,6 +3073,7 @@ static void *wire_main(void *arg)
 			}
 		}
 		wire_flush();
+		wire_bury();
 	}
 	return NULL;
 }
@@ -3063,7 +3170,7 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 	const char *version = mg_get_header(c, "Sec-WebSocket-Version");
 	if (!key || strlen(key) != 24 || !version || strcmp(version, "13") != 0 ||
 	    strcmp(mg_get_request_info(c)->request_method, "GET") != 0)
-		return eio_error_reply(c, E_REQUEST);
+		return eio_error_reply(c, E_REQUEST, headers);
 
 	room_lock_acquire();
 	struct wsconn *ws = stopping ? NULL : ws_alloc();
@@ -3079,15 +3186,15 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 
 	char accept[29];
 	ws_accept_key(key, accept);
-	char head[256];
-	int n = snprintf(head, sizeof head,
-	                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-	                 "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
-	                 accept, headers ? headers : "");
+	struct buf head = {0};
+	buf_printf(&head, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+	                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
+	           accept, headers ? headers : "");
 	bool worker_waits = false;
 	int fd = -1;
-	if (mg_write(c, head, (size_t)n) == n)
+	if (mg_write(c, head.p, head.len) == (int)head.len)
 		fd = take_socket(c, &worker_waits);
+	buf_free(&head);
 
 	room_lock_acquire();
 	struct session *s = NULL;
@@ -3631,6 +3738,8 @@ static void chat_join(struct session *s, int slot, const json_t *auth)
 	(void)auth;
 	s->nick = name_pick();
 	name_claim(s->nick, s->index);
+	s->flood_tokens = 2.0 * opt.flood_limit;
+	s->flood_at = now_ms();
 	room.members[room.count++] = s->index;
 	if (!opt.quiet)
 		log_line("join  %s (sid %s)", s->nick, s->nsp[slot].sid);
@@ -3655,6 +3764,25 @@ static void chat_leave(struct session *s, int slot, const char *reason)
 	s->nick = NULL;
 }
 
+/* Flood control, as IRC servers have it: each client has a bucket of 2N tokens, refilled
+ * at N a second; a message takes one; a client that sends into an empty bucket is
+ * disconnected. Nobody typing is anywhere near it; a runaway script is, and it would
+ * otherwise push every slower member of the room over its queue limit. */
+static bool flooding(struct session *s)
+{
+	if (opt.flood_limit == 0)
+		return false;
+	int64_t now = now_ms();
+	s->flood_tokens += (double)(now - s->flood_at) * opt.flood_limit / 1000.0;
+	if (s->flood_tokens > 2.0 * opt.flood_limit)
+		s->flood_tokens = 2.0 * opt.flood_limit;
+	s->flood_at = now;
+	if (s->flood_tokens < 1.0)
+		return true;
+	s->flood_tokens -= 1.0;
+	return false;
+}
+
 /* ["msg", DATA, ...] from a member: relayed to all, DATA's username stamped if DATA is an
  * object. Other events are ignored, as the original server ignored them. */
 static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
@@ -3664,6 +3792,10 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 	int n = json_string_text(p->shape.item[0], name, sizeof name);
 	if (n != 3 || memcmp(name, "msg", 3) != 0)
 		return;
+	if (flooding(s)) {
+		session_doom(s, "excess flood");
+		return;
+	}
 	struct buf b = {0};
 	sio_head(&b, p->type, "/", p->attachments, -1);
 	struct json_span data = p->shape.item[1];
@@ -3707,6 +3839,47 @@ static void query_get(const char *query, const char *name, char *out, size_t cap
 		out[0] = 0;
 }
 
+/*
+ * CORS. By default there is none, as with Node's socket.io: pages from other sites cannot
+ * read our answers. --cors-origin lists the origins that may; their requests get the
+ * headers that say so, with credentials (so the Origin is echoed: browsers refuse "*"
+ * with credentials). With a list that is not "*", requests from other origins are refused.
+ */
+static bool origin_listed(const char *origin)
+{
+	for (int i = 0; i < opt.ncors; i++)
+		if (strcmp(opt.cors[i], "*") == 0 || strcasecmp(opt.cors[i], origin) == 0)
+			return true;
+	return false;
+}
+
+static bool origin_refused(struct mg_connection *c)
+{
+	const char *origin = mg_get_header(c, "Origin");
+	return opt.ncors && origin && !origin_listed(origin);
+}
+
+static void cors_headers(struct mg_connection *c, char *out, size_t cap)
+{
+	const char *origin = mg_get_header(c, "Origin");
+	out[0] = 0;
+	if (opt.ncors && origin && strlen(origin) < 256 && origin_listed(origin))
+		snprintf(out, cap, "Access-Control-Allow-Origin: %s\r\n"
+		                   "Access-Control-Allow-Credentials: true\r\nVary: Origin\r\n", origin);
+}
+
+/* A browser asks whether its page may POST here. */
+static int cors_preflight(struct mg_connection *c, const char *headers)
+{
+	char all[1024];
+	const char *asked = mg_get_header(c, "Access-Control-Request-Headers");
+	snprintf(all, sizeof all, "%sAccess-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+	                          "Access-Control-Max-Age: 86400\r\n%s%s%s",
+	         headers, asked && strlen(asked) < 512 ? "Access-Control-Allow-Headers: " : "",
+	         asked && strlen(asked) < 512 ? asked : "", asked && strlen(asked) < 512 ? "\r\n" : "");
+	return http_reply(c, 204, "text/plain", all, "", 0);
+}
+
 static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 {
 	const struct mg_request_info *ri = mg_get_request_info(c);
@@ -3716,22 +3889,27 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 	query_get(ri->query_string, "EIO", eio_s, sizeof eio_s);
 	query_get(ri->query_string, "sid", sid, sizeof sid);
 	query_get(ri->query_string, "b64", b64, sizeof b64);
-	const char *headers = NULL;
+	char headers[512];
+	cors_headers(c, headers, sizeof headers);
+	if (origin_refused(c))
+		return eio_error_reply(c, E_FORBIDDEN, headers);
+	if (strcmp(method, "OPTIONS") == 0 && headers[0])
+		return cors_preflight(c, headers);
 
 	bool polling = strcmp(transport, "polling") == 0;
 	bool websocket = strcmp(transport, "websocket") == 0;
 	if (!polling && !websocket)
-		return eio_error_reply(c, E_TRANSPORT);
+		return eio_error_reply(c, E_TRANSPORT, headers);
 	int eio = strcmp(eio_s, "4") == 0 ? 4 : strcmp(eio_s, "3") == 0 ? 3 : 0;
 	if (!eio)
-		return eio_error_reply(c, E_VERSION);
+		return eio_error_reply(c, E_VERSION, headers);
 	bool upgrade = is_websocket_upgrade(c);
 
 	if (!sid[0]) { /* a handshake */
 		if (strcmp(method, "GET") != 0)
-			return eio_error_reply(c, E_METHOD);
+			return eio_error_reply(c, E_METHOD, headers);
 		if (websocket != upgrade)
-			return eio_error_reply(c, E_REQUEST);
+			return eio_error_reply(c, E_REQUEST, headers);
 		if (upgrade)
 			return ws_upgrade(c, ep, eio, NULL, headers);
 		room_lock_acquire();
@@ -3748,17 +3926,17 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 	struct session *s = session_find(sid);
 	if (!s) {
 		room_unlock();
-		return eio_error_reply(c, E_SID);
+		return eio_error_reply(c, E_SID, headers);
 	}
 	bool same_transport = (s->transport == POLLING) == polling;
 	if ((!upgrade && !same_transport) || s->eio != eio) {
 		room_unlock();
-		return eio_error_reply(c, E_REQUEST);
+		return eio_error_reply(c, E_REQUEST, headers);
 	}
 	if (upgrade) {
 		bool ok = websocket && s->transport == POLLING && !s->probe;
 		room_unlock();
-		return ok ? ws_upgrade(c, ep, eio, sid, headers) : eio_error_reply(c, E_REQUEST);
+		return ok ? ws_upgrade(c, ep, eio, sid, headers) : eio_error_reply(c, E_REQUEST, headers);
 	}
 	if (strcmp(method, "GET") == 0)
 		return poll_get(c, s, headers);
@@ -3767,7 +3945,7 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 		return poll_post(c, s, type && strcmp(type, "application/octet-stream") == 0, headers);
 	}
 	room_unlock();
-	return eio_error_reply(c, E_REQUEST);
+	return eio_error_reply(c, E_REQUEST, headers);
 }
 
 static int serve_home(struct mg_connection *c, bool head)
@@ -3792,6 +3970,71 @@ static int on_request(struct mg_connection *c)
 	if (strcmp(uri, "/") == 0 && (head || strcmp(ri->request_method, "GET") == 0))
 		return serve_home(c, head);
 	return http_reply(c, 404, "text/plain", NULL, "Not Found\n", 10);
+}
+
+/*
+ * Workers per client address. civetweb gives every connection a worker from the moment
+ * it is accepted, while it sends its request, idle or not; one host with enough idle
+ * sockets could hold them all. So no address gets more than three quarters of the
+ * workers: past that, its new connections are shut at once. (WebSockets do not count:
+ * they leave their worker.) The lock is a leaf, taken by workers as connections come
+ * and go.
+ */
+static struct {
+	pthread_mutex_t lock;
+	struct strmap count; /* address -> connections; keys are malloc'd here */
+	int share;
+} per_address = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* The connection's address. civetweb answers mg_get_request_info only once a request
+ * has come, so we read its struct; Debian's library hides it, and there is no count. */
+static const char *connection_address(const struct mg_connection *c)
+{
+#if CIVETWEB_EMBEDDED
+	return c->request_info.remote_addr;
+#else
+	(void)c;
+	return NULL;
+#endif
+}
+
+static int on_connection_open(const struct mg_connection *c, void **data)
+{
+	const char *addr = connection_address(c);
+	*data = NULL; /* NULL: not counted */
+	if (!addr)
+		return 0;
+	pthread_mutex_lock(&per_address.lock);
+	int n = strmap_get(&per_address.count, addr);
+	bool over = n >= per_address.share;
+	if (!over)
+		strmap_put(&per_address.count, n < 0 ? xstrndup(addr, strlen(addr)) : addr, n < 0 ? 1 : n + 1);
+	pthread_mutex_unlock(&per_address.lock);
+	if (over) {
+#if CIVETWEB_EMBEDDED
+		shutdown(((struct mg_connection *)c)->client.sock, SHUT_RDWR);
+#endif
+	} else {
+		*data = &per_address;
+	}
+	return 0;
+}
+
+static void on_connection_close(const struct mg_connection *c)
+{
+	const char *addr = connection_address(c);
+	if (!addr || !mg_get_user_connection_data(c))
+		return;
+	pthread_mutex_lock(&per_address.lock);
+	int n = strmap_get(&per_address.count, addr);
+	if (n > 1) {
+		strmap_put(&per_address.count, addr, n - 1);
+	} else if (n == 1) {
+		char *key = (char *)per_address.count.slots[strmap_find_slot(&per_address.count, addr)].key;
+		strmap_del(&per_address.count, addr);
+		free(key);
+	}
+	pthread_mutex_unlock(&per_address.lock);
 }
 
 static int on_log_message(const struct mg_connection *c, const char *message)
@@ -3868,8 +4111,8 @@ static const char *port_problem(void)
 
 static void print_addresses(bool ipv6)
 {
-	printf("chatroom %s: a Socket.IO chat room, %d places, path /socket.io/\n",
-	       CHATROOM_VERSION, opt.max_clients);
+	printf("chatroom %s: a Socket.IO chat room, %d places, path %s\n", CHATROOM_VERSION,
+	       opt.max_clients, opt.path);
 	if (!mg_check_feature(8))
 		printf("(this civetweb was built without IPv6: listening on IPv4 only)\n");
 	if (opt.host) {
@@ -3946,6 +4189,10 @@ static void server_start(void)
 	struct mg_callbacks callbacks = {0};
 	callbacks.begin_request = on_request;
 	callbacks.log_message = on_log_message;
+	callbacks.init_connection = on_connection_open;
+	callbacks.connection_close = on_connection_close;
+	per_address.share = nthreads - nthreads / 4;
+	strmap_init(&per_address.count, (size_t)nthreads);
 	struct mg_init_data init = {.callbacks = &callbacks, .configuration_options = options};
 	char error[256] = "";
 	unsigned code = 0;
@@ -3988,13 +4235,13 @@ static int signals_block(void)
 	sigaddset(&set, SIGTERM);
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	signal(SIGPIPE, SIG_IGN);
+	logq.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); /* before any thread logs */
 	return signalfd(-1, &set, SFD_CLOEXEC);
 }
 
 /* Prints the log until SIGINT or SIGTERM arrives. */
 static void wait_for_signal(int sigfd)
 {
-	logq.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	for (;;) {
 		struct pollfd fds[2] = {{sigfd, POLLIN, 0}, {logq.wake_fd, POLLIN, 0}};
 		if (poll(fds, 2, -1) < 0 && errno != EINTR)
@@ -4022,16 +4269,15 @@ int main(int argc, char **argv)
 	names_init();
 	int sigfd = signals_block();
 
-	static const struct endpoint chat = {
-		.path = "/socket.io/",
+	static struct endpoint chat;
+	chat = (struct endpoint){
+		.path = opt.path,
+		.ping_interval = opt.ping_interval,
+		.ping_timeout = opt.ping_timeout,
+		.max_payload = opt.max_payload,
 		.app = &socketio_app,
 	};
-	static struct endpoint chat_ep;
-	chat_ep = chat;
-	chat_ep.ping_interval = opt.ping_interval;
-	chat_ep.ping_timeout = opt.ping_timeout;
-	chat_ep.max_payload = opt.max_payload;
-	endpoints[n_endpoints++] = &chat_ep;
+	endpoints[n_endpoints++] = &chat;
 	sio_register(&chat_namespace);
 
 	server_start();

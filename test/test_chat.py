@@ -26,6 +26,7 @@ def test_join_login_and_name_list(server, chatters):
         assert first["action"] == "login"  # its own login comes first
         assert first["name_list"][-1] == [first["username"], x.sid]
     c_login = a.wait(lambda m: m.get("username") == c.nick and m["action"] == "login")
+    b.wait(lambda m: m.get("username") == c.nick and m["action"] == "login")
     assert c_login["name_list"] == [[a.nick, a.sid], [b.nick, b.sid], [c.nick, c.sid]]
     assert set(c_login) == {"username", "action", "name_list"}
     assert [m["username"] for m in logins(a)] == [a.nick, b.nick, c.nick]

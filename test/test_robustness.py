@@ -89,7 +89,7 @@ def test_killed_client_is_logged_out_once(make_server, chatters, transport):
 
 
 def test_client_that_stops_reading_is_dropped_and_hurts_nobody(make_server, chatters):
-    s = make_server("--queue-limit", "524288", "--max-payload", "65536")
+    s = make_server("--queue-limit", "524288", "--max-payload", "65536", "--flood-limit", "0")
     rx = [chatters(s, transports=["websocket"]), chatters(s, transports=["polling"])]
     # the stalled client: a raw WebSocket with a tiny receive buffer that never reads
     stalled = RawWS.engineio(s)
@@ -121,7 +121,7 @@ def test_client_that_stops_reading_is_dropped_and_hurts_nobody(make_server, chat
 
 
 def test_while_one_client_stalls_the_others_get_messages_promptly(make_server, chatters):
-    s = make_server()  # default queue limit: the stalled client lasts the whole test
+    s = make_server("--flood-limit", "0")  # the stalled client lasts the whole test
     stalled = RawWS.engineio(s)
     stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.recv_message()
@@ -137,6 +137,27 @@ def test_while_one_client_stalls_the_others_get_messages_promptly(make_server, c
         worst = max(worst, time.monotonic() - sent)
     assert worst < 0.5, f"slowest message took {worst * 1000:.0f} ms"
     stalled.close()
+
+
+def test_flooding_client_is_disconnected(make_server, chatters):
+    s = make_server("--flood-limit", "10")
+    steady = chatters(s, transports=["websocket"])
+    flooder = chatters(s, transports=["websocket"])
+    steady.wait(lambda m: m.get("username") == flooder.nick)
+    for i in range(30):  # its bucket holds 20
+        try:
+            flooder.sio.emit("msg", {"msg": f"spam {i}"})
+        except Exception:  # noqa: BLE001 - it may be gone before the loop ends
+            break
+    out = steady.wait(lambda m: m.get("action") == "logout", timeout=5)
+    assert out["username"] == flooder.nick
+    assert s.wait_log(r"leave .*excess flood")
+    assert len([m for m in steady.msgs if str(m.get("msg", "")).startswith("spam")]) == 20
+    for i in range(25):  # ten a second is fine for ever
+        steady.say(f"steady {i}")
+        time.sleep(0.1)
+    steady.wait(lambda m: m.get("msg") == "steady 24")
+    assert steady.sio.connected
 
 
 def test_room_full_is_refused_in_words(make_server, chatters):

@@ -14,7 +14,7 @@ import pytest
 import requests
 import socketio
 
-from conftest import BINARY, Chatter, Polling, Server, free_port, wait_until
+from conftest import BINARY, Chatter, Polling, Server, free_port, have_ipv6_loopback, wait_until
 from rawws import RawWS
 from test_socketio import joined
 
@@ -109,6 +109,7 @@ def test_prints_where_to_connect(server):
     assert server.wait_log(rf"http://127\.0\.0\.1:{server.port}/")
 
 
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def test_listens_on_ipv6_loopback(make_server):
     s = make_server(host="::1")
     r = requests.get(f"http://[::1]:{s.port}/socket.io/?EIO=4&transport=polling", timeout=5)
@@ -139,8 +140,12 @@ DEFAULTS = textwrap.dedent("""
 
 
 def test_defaults_listen_everywhere_on_port_5000_and_print_urls():
-    if not shutil.which("unshare") or subprocess.run(["unshare", "-n", "true"]).returncode:
-        pytest.skip("needs unshare -n (root) for a private network namespace")
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-n", "sh", "-c", "ip link add v0 type veth peer name v1"],
+            capture_output=True).returncode:
+        pytest.skip("needs unshare -n and veth (root) for a private network namespace")
+    if not have_ipv6_loopback():
+        pytest.skip("this machine has no IPv6")
     r = subprocess.run(["unshare", "-n", sys.executable, "-c", DEFAULTS, BINARY],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

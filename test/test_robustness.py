@@ -116,7 +116,9 @@ def test_client_that_stops_reading_is_dropped_and_hurts_nobody(make_server, chat
     assert out["username"] != sender.nick and len(out["name_list"]) == 3
     assert s.wait_log(r"leave .*outbound queue overflow")
     assert s.stdout().count("outbound queue overflow") == 1
-    assert rss_kib(s.proc.pid) - rss_before < 64 * 1024
+    grown = rss_kib(s.proc.pid) - rss_before
+    print(f"server RSS grew {grown} KiB")
+    assert grown < (160 if "asan" in s.argv[0] else 8) * 1024  # ASan keeps freed memory
     stalled.close()
 
 

@@ -72,18 +72,22 @@ protocol-server: $(BUILD)/protocol-server
 
 PYTHON := /usr/bin/python3
 
-test: chatroom $(BUILD)/chatroom-asan $(BUILD)/unit
+test: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/protocol-server-asan \
+      $(BUILD)/unit
 	@.ci/check-test-deps
 	$(BUILD)/unit
-	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/chatroom
-	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/$(BUILD)/chatroom-asan
+	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/chatroom \
+	        PROTOCOL_SERVER=$(CURDIR)/$(BUILD)/protocol-server
+	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/$(BUILD)/chatroom-asan \
+	        PROTOCOL_SERVER=$(CURDIR)/$(BUILD)/protocol-server-asan
 	@echo "all tests passed"
 
 test-python:
-	CHATROOM=$(CHATROOM) $(PYTHON) -m pytest -q -p no:cacheprovider test/
+	CHATROOM=$(CHATROOM) PROTOCOL_SERVER=$(PROTOCOL_SERVER) $(PYTHON) -m pytest -q -p no:cacheprovider \
+	        -n 3 --dist loadfile test/
 
 test-node: test/node_modules
-	CHATROOM=$(CHATROOM) node --test test/node/*.test.mjs
+	CHATROOM=$(CHATROOM) PROTOCOL_SERVER=$(PROTOCOL_SERVER) node --test test/node/*.test.mjs
 
 test/node_modules: test/package.json test/package-lock.json
 	cd test && npm ci --no-audit --no-fund --loglevel=error

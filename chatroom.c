@@ -2298,7 +2298,14 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
 	}
 	if (malformed)
 		return eio_error_reply(c, E_REQUEST, headers);
-	return http_reply(c, 200, "text/html", headers, "ok", 2);
+	/* A POST's connection is not kept: idle until the client's next message, it would hold
+	 * a worker, and when we closed it at last we would race the client's next POST, which
+	 * it cannot safely retry (python-engineio gives up on the session). GETs follow each
+	 * other at once, so theirs is kept. */
+	char close_headers[600];
+	snprintf(close_headers, sizeof close_headers, "%sConnection: close\r\n", headers);
+	http_close_after(c);
+	return http_reply(c, 200, "text/html", close_headers, "ok", 2);
 }
 
 /* =================================== WebSocket =================================== */
@@ -4183,6 +4190,7 @@ static void server_start(void)
 		"enable_keep_alive", "yes",
 		"tcp_nodelay", "1",
 		"request_timeout_ms", "10000",
+		"keep_alive_timeout_ms", "5000", /* as Node's http server */
 		"access_control_allow_methods", "", /* OPTIONS come to us */
 		NULL,
 	};

@@ -124,9 +124,17 @@ class Server:
         assert took < 2.0, f"took {took:.2f}s to stop"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remembers each phase's outcome on the test item, for fixtures to look at."""
+    outcome = yield
+    setattr(item, "rep_" + outcome.get_result().when, outcome.get_result())
+
+
 @pytest.fixture
-def make_server():
-    """A factory of servers; every server it made must stop cleanly at the end."""
+def make_server(request):
+    """A factory of servers; every server it made must stop cleanly at the end. When the
+    test failed, their output is shown with it."""
     servers = []
 
     def make(*args, **kw):
@@ -135,7 +143,10 @@ def make_server():
         return s
 
     yield make
+    failed = getattr(request.node, "rep_call", None) and request.node.rep_call.failed
     for s in servers:
+        if failed:
+            print(f"--- output of {' '.join(s.argv)}:\n{s.stdout()[-5000:]}{s.stderr()[-2000:]}")
         s.assert_clean_exit()
 
 
@@ -151,6 +162,7 @@ class Chatter:
     def __init__(self, server, transports=None, auth=None, connect=True, **client_args):
         self.server = server
         self.msgs = []
+        self.times = []  # wall-clock arrival time of each msg
         self.history = []
         self.cond = threading.Condition()
         self.sio = socketio.Client(reconnection=False, **client_args)
@@ -177,6 +189,7 @@ class Chatter:
     def _on_msg(self, *args):
         with self.cond:
             self.msgs.append(args[0] if len(args) == 1 else list(args))
+            self.times.append(time.time())
             self.cond.notify_all()
 
     def _on_history(self, data):

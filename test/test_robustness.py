@@ -198,22 +198,26 @@ def test_deeply_nested_json_drops_the_sender_only(server):
     assert '"alive"' in good.recv_message()
 
 
-@pytest.mark.parametrize("frame,code", [
-    (RawWS.frame(0x1, "40", mask=False), 1002),           # unmasked
-    (RawWS.frame(0x1, "40", rsv=4), 1002),                # RSV bit without an extension
-    (RawWS.frame(0x3, "40"), 1002),                       # reserved opcode
-    (RawWS.frame(0x0, "40"), 1002),                       # continuation of nothing
-    (RawWS.frame(0x9, "x" * 126), 1002),                  # control frame too long
-    (RawWS.frame(0x9, "ping", fin=False), 1002),          # fragmented control frame
-    (RawWS.frame(0x1, b"4\xff\xfe"), 1007),               # text that is not UTF-8
-    (RawWS.frame(0x2, b"", length=2_000_000_000), 1009),  # declares more than maxPayload
-    (RawWS.frame(0x8, b"\x03"), 1002),                    # one-byte close payload
-])
-def test_bad_frames_get_the_right_close_code(server, frame, code):
+BAD_FRAMES = {  # name: (frame, the close code it earns)
+    "unmasked": (lambda: RawWS.frame(0x1, "40", mask=False), 1002),
+    "rsv-bit": (lambda: RawWS.frame(0x1, "40", rsv=4), 1002),  # no extension agreed
+    "reserved-opcode": (lambda: RawWS.frame(0x3, "40"), 1002),
+    "continuation-of-nothing": (lambda: RawWS.frame(0x0, "40"), 1002),
+    "long-control": (lambda: RawWS.frame(0x9, "x" * 126), 1002),
+    "fragmented-control": (lambda: RawWS.frame(0x9, "ping", fin=False), 1002),
+    "text-not-utf8": (lambda: RawWS.frame(0x1, b"4\xff\xfe"), 1007),
+    "declares-2GB": (lambda: RawWS.frame(0x2, b"", length=2_000_000_000), 1009),
+    "one-byte-close": (lambda: RawWS.frame(0x8, b"\x03"), 1002),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_bad_frames_get_the_right_close_code(server, name):
+    make_frame, code = BAD_FRAMES[name]
     other = joined(server)
     ws = RawWS.engineio(server)
     ws.recv_message()
-    ws.send_raw(frame)
+    ws.send_raw(make_frame())
     assert ws.expect_close() == code
     other.send_text('42["msg",{"msg":"alive"}]')
     assert '"alive"' in other.recv_message()

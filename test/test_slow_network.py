@@ -21,7 +21,7 @@ class Via:
 
 @pytest.fixture
 def link(make_server):
-    s = make_server("--ping-interval", "600", "--ping-timeout", "500")
+    s = make_server("--ping-interval", "800", "--ping-timeout", "2000")
     proxy = SlowLink(s.port)
     yield proxy
     proxy.close()

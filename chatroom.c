@@ -114,7 +114,6 @@ enum {
 	NSP_MAX = 128,                      /* longest namespace name we accept */
 	JSON_MAX_DEPTH = 64,                /* deeper JSON is refused before anyone parses it */
 	MAX_ATTACHMENTS = 64,               /* binary attachments per Socket.IO packet */
-	CONNECT_TIMEOUT_MS = 45000,         /* a session must join a namespace within this */
 	UPGRADE_TIMEOUT_MS = 10000,         /* a WebSocket probe must finish its upgrade within */
 	CLOSE_LINGER_MS = 1000,             /* how long a closing WebSocket waits for its peer */
 	POLL_MAX_PACKETS = 16,              /* per long-poll response: python-engineio refuses more */
@@ -134,6 +133,7 @@ static struct options {
 	int threads;            /* civetweb workers; 0: enough for every client to long-poll */
 	bool quiet;             /* no join/leave log */
 	int flood_limit;        /* messages a second a client may send; 0: no limit */
+	int connect_timeout;    /* ms: a session must join a namespace within this */
 	const char *path;       /* where Engine.IO listens: "/socket.io/" */
 	const char *cors[16];   /* origins allowed to use us from a browser page elsewhere */
 	int ncors;              /* 0: no CORS headers at all, as Node's socket.io by default */
@@ -149,6 +149,7 @@ static struct options {
 	.threads = 0,
 	.quiet = false,
 	.flood_limit = 100,
+	.connect_timeout = 45000,
 	.path = "/socket.io/",
 };
 
@@ -172,6 +173,8 @@ static void usage(FILE *f)
 	        "                           at least 1 MiB)\n"
 	        "      --threads N          HTTP worker threads (default: max-clients plus\n"
 	        "                           a margin, so that every client can long-poll)\n"
+	        "      --connect-timeout MS a client must join the room within this after it\n"
+	        "                           opens its connection (default 45000)\n"
 	        "      --flood-limit N      messages a second one client may send, in bursts\n"
 	        "                           of up to 2N; a client over it is disconnected\n"
 	        "                           (default 100; 0: no limit)\n"
@@ -221,7 +224,7 @@ static const char *normalize_path(const char *arg)
 static void parse_options(int argc, char **argv)
 {
 	enum { OPT_PING_INTERVAL = 256, OPT_PING_TIMEOUT, OPT_MAX_PAYLOAD, OPT_MAX_CLIENTS,
-	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD };
+	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD, OPT_CONNECT_TIMEOUT };
 	static const struct option longopts[] = {
 		{"port", required_argument, NULL, 'p'},
 		{"host", required_argument, NULL, 'H'},
@@ -235,6 +238,7 @@ static void parse_options(int argc, char **argv)
 		{"path", required_argument, NULL, OPT_PATH},
 		{"cors-origin", required_argument, NULL, OPT_CORS},
 		{"flood-limit", required_argument, NULL, OPT_FLOOD},
+		{"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -263,6 +267,9 @@ static void parse_options(int argc, char **argv)
 			break;
 		case OPT_THREADS:
 			opt.threads = (int)parse_number("--threads", optarg, 4, 65536);
+			break;
+		case OPT_CONNECT_TIMEOUT:
+			opt.connect_timeout = (int)parse_number("--connect-timeout", optarg, 10, 3600000);
 			break;
 		case OPT_FLOOD:
 			opt.flood_limit = (int)parse_number("--flood-limit", optarg, 0, 1000000);
@@ -3650,13 +3657,14 @@ static void sio_on_close(struct session *s)
 	sio_pending_clear(s);
 }
 
-/* A session must join some namespace within CONNECT_TIMEOUT_MS, as in Node. */
+/* A session must join some namespace within --connect-timeout, as in Node (checked at
+ * each heartbeat, so it may take up to a ping interval longer). */
 static void sio_on_heartbeat(struct session *s, int64_t now)
 {
 	for (int i = 0; i < n_namespaces; i++)
 		if (s->nsp[i].connected)
 			return;
-	if (now - s->opened_at >= CONNECT_TIMEOUT_MS)
+	if (now - s->opened_at >= opt.connect_timeout)
 		session_doom(s, "connect timeout");
 }
 

@@ -212,6 +212,13 @@ def test_handshake_must_be_get(server):
         assert body_error(r) == (400, {"code": 2, "message": "Bad handshake method"})
 
 
+def test_other_methods_on_a_session(server):
+    p = Polling(server)
+    for method in ("PUT", "DELETE", "PATCH"):
+        r = requests.request(method, server.eio, params=p.params(), timeout=5)
+        assert body_error(r) == (400, {"code": 3, "message": "Bad request"})
+
+
 def test_closed_sid_is_unknown(server):
     p = Polling(server)
     assert p.post("1").status_code == 200

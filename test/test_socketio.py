@@ -2,6 +2,7 @@
 CONNECT with and without auth, unknown namespaces, events, acks, binary, DISCONNECT,
 and malformed packets, each of which closes its own session and nothing else."""
 import json
+import time
 
 import pytest
 
@@ -157,3 +158,17 @@ def test_binary_without_a_packet_closes(server):
     ws = joined(server)
     ws.send_binary(b"stray")
     ws.expect_close()
+
+
+def test_a_session_that_never_joins_is_closed(make_server):
+    s = make_server("--connect-timeout", "500", "--ping-interval", "200", "--ping-timeout", "1000")
+    ws = RawWS.engineio(s)
+    ws.recv_message()
+    start = time.monotonic()
+    while True:  # answer pings, but never CONNECT
+        try:
+            if ws.recv_message(timeout=3) == "2":
+                ws.send_text("3")
+        except Closed:
+            break
+    assert 0.5 <= time.monotonic() - start < 1.5

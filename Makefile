@@ -34,7 +34,7 @@ SANITIZE      := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 SOURCES := chatroom.c name.txt Makefile
 
 .PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean \
-        protocol-server
+        protocol-server static install
 
 all: chatroom
 
@@ -67,13 +67,58 @@ run: chatroom
 protocol-server: $(BUILD)/protocol-server
 	$(BUILD)/protocol-server
 
+# ---- static and cross builds ----------------------------------------------------------
+# make static [ARCH=x86_64|arm64|armhf] builds build/chatroom-ARCH: fully static, civetweb
+# and jansson compiled in from their sources (jansson's fetched like civetweb's, or taken
+# from JANSSON_SRC=/path/to/jansson), stripped. arm64 is the 64-bit Raspberry Pi OS (Pi
+# 3, 4, 5); armhf is 32-bit ARMv7 (Pi 2 and newer). Cross compilers: Debian's
+# gcc-aarch64-linux-gnu and gcc-arm-linux-gnueabihf.
+
+NATIVE_ARCH  := $(shell uname -m | sed 's/^aarch64$$/arm64/; s/^armv7l$$/armhf/')
+ARCH         ?= $(NATIVE_ARCH)
+CROSS_arm64  := aarch64-linux-gnu-
+CROSS_armhf  := arm-linux-gnueabihf-
+CROSS_PKG_arm64 := gcc-aarch64-linux-gnu
+CROSS_PKG_armhf := gcc-arm-linux-gnueabihf
+CROSS        := $(if $(filter $(ARCH),$(NATIVE_ARCH)),,$(CROSS_$(ARCH)))
+JANSSON_SRC  ?= $(BUILD)/jansson
+STATIC_FLAGS := -Os -static -ffunction-sections -fdata-sections -Wl,--gc-sections
+
+static: $(BUILD)/chatroom-$(ARCH)
+	@ls -l $(BUILD)/chatroom-$(ARCH)
+
+$(BUILD)/chatroom-%: $(SOURCES) $(CIVETWEB_C) $(JANSSON_SRC)/src/load.c .ci/jansson-config
+	@command -v $(CROSS)gcc >/dev/null || { echo "chatroom: building for $(ARCH) needs $(CROSS)gcc. Fix: sudo apt-get install $(CROSS_PKG_$(ARCH))"; exit 1; }
+	@rm -rf $(BUILD)/static-$*
+	@.ci/jansson-config $(BUILD)/static-$*/include
+	cd $(BUILD)/static-$* && $(CROSS)gcc -Os -w -ffunction-sections -fdata-sections \
+	    -DHAVE_CONFIG_H -Iinclude -c $(abspath $(JANSSON_SRC))/src/*.c
+	$(CROSS)gcc $(WARNINGS) $(STATIC_FLAGS) $(EMBED) -I$(BUILD)/static-$*/include \
+	    -I$(JANSSON_SRC)/src -pthread -o $@ chatroom.c $(BUILD)/static-$*/*.o
+	$(CROSS)strip $@
+
+$(JANSSON_SRC)/src/load.c:
+	@.ci/fetch-source jansson $(JANSSON_SRC)
+
+# ---- install --------------------------------------------------------------------------
+# make install [PREFIX=/usr/local] [DESTDIR=]: the binary and its man page. For a service,
+# see dist/chatroom.service.
+
+PREFIX ?= /usr/local
+
+install: chatroom
+	install -D -m 755 chatroom $(DESTDIR)$(PREFIX)/bin/chatroom
+	install -D -m 644 dist/chatroom.1 $(DESTDIR)$(PREFIX)/share/man/man1/chatroom.1
+
 # ---- tests ----------------------------------------------------------------------------
 # Every suite runs against the binary named by CHATROOM; `make test` runs them all twice.
 
 PYTHON := /usr/bin/python3
 
+STATIC_BINARIES := $(BUILD)/chatroom-x86_64 $(BUILD)/chatroom-arm64 $(BUILD)/chatroom-armhf
+
 test: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/protocol-server-asan \
-      $(BUILD)/unit
+      $(BUILD)/unit $(STATIC_BINARIES)
 	@.ci/check-test-deps
 	$(BUILD)/unit
 	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/chatroom \

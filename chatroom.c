@@ -1898,8 +1898,9 @@ static bool payload_decode(struct session *s, const char *body, size_t len, bool
 					return false;
 				more = text_packet(s, pkt, plen, true, fn, &ok);
 			} else {
-				ok = pkt[0] >= 0 && pkt[0] <= 6;
-				more = ok && fn(s, (char)('0' + pkt[0]), pkt + 1, plen - 1, pkt[0] == 4);
+				unsigned char type = (unsigned char)pkt[0];
+				ok = type <= 6;
+				more = ok && fn(s, (char)('0' + type), pkt + 1, plen - 1, type == 4);
 			}
 			if (!ok || !more)
 				return ok;
@@ -2709,8 +2710,8 @@ static void ws_message(struct wsconn *ws, bool text, const char *data, size_t le
 		ok = len > 0 && data[0] >= '0' && data[0] <= '6';
 		ok = ok && eio_receive(s, data[0], data + 1, len - 1, false);
 	} else if (ws->eio == 3) {
-		ok = len > 0 && data[0] >= 0 && data[0] <= 6;
-		ok = ok && eio_receive(s, (char)('0' + data[0]), data + 1, len - 1, data[0] == 4);
+		unsigned char type = len > 0 ? (unsigned char)data[0] : 0xFF;
+		ok = type <= 6 && eio_receive(s, (char)('0' + type), data + 1, len - 1, type == 4);
 	} else {
 		ok = eio_receive(s, '4', data, len, true);
 	}

@@ -53,18 +53,23 @@ def wait_until(predicate, timeout=5.0, interval=0.01):
 class Server:
     """One chatroom process."""
 
-    def __init__(self, *args, host="127.0.0.1", port=None, binary=BINARY, cwd=None, env=None):
+    def __init__(self, *args, host="127.0.0.1", port=None, binary=BINARY, cwd=None, env=None,
+                 env_replace=None, prefix=()):
+        """prefix: arguments between the binary and ours (qemu runs the real binary);
+        env_replace: the whole environment instead of ours plus `env`."""
         self.host = host
         self.port = port or free_port()
-        self.argv = [binary, "--host", host, "--port", str(self.port), *args]
+        self.argv = [binary, *prefix, "--host", host, "--port", str(self.port), *args]
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
         full_env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:quarantine_size_mb=16",
                         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
         full_env.update(env or {})
+        if env_replace is not None:
+            full_env = env_replace
         self.proc = subprocess.Popen(self.argv, stdout=self._out, stderr=self._err,
                                      cwd=cwd, env=full_env)
-        if not wait_until(self._accepting, timeout=10):
+        if not wait_until(self._accepting, timeout=30):
             self.proc.kill()
             raise RuntimeError(f"chatroom did not start: {self.stderr()}")
 

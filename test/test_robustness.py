@@ -187,15 +187,30 @@ def test_sessions_beyond_capacity_get_503(make_server):
     assert Polling(s).sid
 
 
-def test_deeply_nested_json_drops_the_sender_only(server):
+DEEP = '42["msg",' + "[" * 10000 + "]" * 10000 + "]"
+
+
+def deep_json_drops_the_sender_only(server):
     good = joined(server)
     bad = joined(server)
     good.recv_message()
-    bad.send_text('42["msg",' + "[" * 10000 + "]" * 10000 + "]")
+    bad.send_text(DEEP)  # parsed on the wire thread
     bad.expect_close()
     assert '"logout"' in good.recv_message()
+    p = Polling(server)  # parsed on a civetweb worker, with its smaller stack
+    p.post("40")
+    p.post(DEEP)  # "ok" from Engine.IO, as Node; Socket.IO then closes the session
+    assert wait_until(lambda: p.get().status_code == 400, 2)
+    assert '"login"' in good.recv_message() and '"logout"' in good.recv_message()
+    p = Polling(server)
+    p.post('40{"a":' + "[" * 10000 + "]" * 10000 + "}")  # in a CONNECT's auth too
+    assert wait_until(lambda: p.get().status_code == 400, 2)
     good.send_text('42["msg",{"msg":"alive"}]')
     assert '"alive"' in good.recv_message()
+
+
+def test_deeply_nested_json_drops_the_sender_only(server):
+    deep_json_drops_the_sender_only(server)
 
 
 BAD_FRAMES = {  # name: (frame, the close code it earns)

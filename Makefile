@@ -80,7 +80,7 @@ CROSS_arm64  := aarch64-linux-gnu-
 CROSS_armhf  := arm-linux-gnueabihf-
 CROSS_PKG_arm64 := gcc-aarch64-linux-gnu
 CROSS_PKG_armhf := gcc-arm-linux-gnueabihf
-CROSS        := $(if $(filter $(ARCH),$(NATIVE_ARCH)),,$(CROSS_$(ARCH)))
+cross         = $(if $(filter $(1),$(NATIVE_ARCH)),,$(CROSS_$(1)))
 JANSSON_SRC  ?= $(BUILD)/jansson
 STATIC_FLAGS := -Os -static -ffunction-sections -fdata-sections -Wl,--gc-sections
 
@@ -88,14 +88,14 @@ static: $(BUILD)/chatroom-$(ARCH)
 	@ls -l $(BUILD)/chatroom-$(ARCH)
 
 $(BUILD)/chatroom-%: $(SOURCES) $(CIVETWEB_C) $(JANSSON_SRC)/src/load.c .ci/jansson-config
-	@command -v $(CROSS)gcc >/dev/null || { echo "chatroom: building for $(ARCH) needs $(CROSS)gcc. Fix: sudo apt-get install $(CROSS_PKG_$(ARCH))"; exit 1; }
+	@command -v $(call cross,$*)gcc >/dev/null || { echo "chatroom: building for $* needs $(call cross,$*)gcc. Fix: sudo apt-get install $(CROSS_PKG_$*)"; exit 1; }
 	@rm -rf $(BUILD)/static-$*
 	@.ci/jansson-config $(BUILD)/static-$*/include
-	cd $(BUILD)/static-$* && $(CROSS)gcc -Os -w -ffunction-sections -fdata-sections \
+	cd $(BUILD)/static-$* && $(call cross,$*)gcc -Os -w -ffunction-sections -fdata-sections \
 	    -DHAVE_CONFIG_H -Iinclude -c $(abspath $(JANSSON_SRC))/src/*.c
-	$(CROSS)gcc $(WARNINGS) $(STATIC_FLAGS) $(EMBED) -I$(BUILD)/static-$*/include \
+	$(call cross,$*)gcc $(WARNINGS) $(STATIC_FLAGS) $(EMBED) -I$(BUILD)/static-$*/include \
 	    -I$(JANSSON_SRC)/src -pthread -o $@ chatroom.c $(BUILD)/static-$*/*.o
-	$(CROSS)strip $@
+	$(call cross,$*)strip $@
 
 $(JANSSON_SRC)/src/load.c:
 	@.ci/fetch-source jansson $(JANSSON_SRC)

@@ -31,7 +31,7 @@ JANSSON_STATIC := -Wl,-Bstatic -ljansson -Wl,-Bdynamic
 SANITIZE      := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
                  -fno-omit-frame-pointer
 
-SOURCES := chatroom.c name.txt Makefile
+SOURCES := chatroom.c name.txt web/index.html Makefile
 
 .PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean \
         protocol-server static install

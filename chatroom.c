@@ -134,6 +134,7 @@ static struct options {
 	bool quiet;             /* no join/leave log */
 	int flood_limit;        /* messages a second a client may send; 0: no limit */
 	int connect_timeout;    /* ms: a session must join a namespace within this */
+	int history;            /* chat messages kept for newcomers; 0: none */
 	const char *path;       /* where Engine.IO listens: "/socket.io/" */
 	const char *cors[16];   /* origins allowed to use us from a browser page elsewhere */
 	int ncors;              /* 0: no CORS headers at all, as Node's socket.io by default */
@@ -150,6 +151,7 @@ static struct options {
 	.quiet = false,
 	.flood_limit = 100,
 	.connect_timeout = 45000,
+	.history = 50,
 	.path = "/socket.io/",
 };
 
@@ -173,6 +175,7 @@ static void usage(FILE *f)
 	        "                           at least 1 MiB)\n"
 	        "      --threads N          HTTP worker threads (default: max-clients plus\n"
 	        "                           a margin, so that every client can long-poll)\n"
+	        "      --history N          last messages a newcomer is sent (default 50; 0: none)\n"
 	        "      --connect-timeout MS a client must join the room within this after it\n"
 	        "                           opens its connection (default 45000)\n"
 	        "      --flood-limit N      messages a second one client may send, in bursts\n"
@@ -210,7 +213,7 @@ static long parse_number(const char *flag, const char *arg, long lo, long hi)
 static const char *normalize_path(const char *arg)
 {
 	size_t n = strlen(arg);
-	if (n == 0 || n > 200 || strpbrk(arg, "?# \t")) {
+	if (n == 0 || n > 200 || strpbrk(arg, "?# \t\"'<>\\")) {
 		fprintf(stderr, "chatroom: --path wants a path like /socket.io/, not '%s'\n", arg);
 		exit(2);
 	}
@@ -224,7 +227,8 @@ static const char *normalize_path(const char *arg)
 static void parse_options(int argc, char **argv)
 {
 	enum { OPT_PING_INTERVAL = 256, OPT_PING_TIMEOUT, OPT_MAX_PAYLOAD, OPT_MAX_CLIENTS,
-	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD, OPT_CONNECT_TIMEOUT };
+	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD, OPT_CONNECT_TIMEOUT,
+	       OPT_HISTORY };
 	static const struct option longopts[] = {
 		{"port", required_argument, NULL, 'p'},
 		{"host", required_argument, NULL, 'H'},
@@ -239,6 +243,7 @@ static void parse_options(int argc, char **argv)
 		{"cors-origin", required_argument, NULL, OPT_CORS},
 		{"flood-limit", required_argument, NULL, OPT_FLOOD},
 		{"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
+		{"history", required_argument, NULL, OPT_HISTORY},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -267,6 +272,9 @@ static void parse_options(int argc, char **argv)
 			break;
 		case OPT_THREADS:
 			opt.threads = (int)parse_number("--threads", optarg, 4, 65536);
+			break;
+		case OPT_HISTORY:
+			opt.history = (int)parse_number("--history", optarg, 0, 10000);
 			break;
 		case OPT_CONNECT_TIMEOUT:
 			opt.connect_timeout = (int)parse_number("--connect-timeout", optarg, 10, 3600000);
@@ -2272,6 +2280,17 @@ static bool read_body(struct mg_connection *c, struct buf *body, long limit)
 	return true;
 }
 
+/* Reads and drops what is left of a refused request body, up to `cap` bytes. Closing
+ * a socket with unread input makes the kernel answer with a reset, which can reach the
+ * client before it reads our refusal; draining lets the answer arrive whole. */
+static void drain_body(struct mg_connection *c, long cap)
+{
+	char chunk[16384];
+	int n;
+	while (cap > 0 && (n = mg_read(c, chunk, sizeof chunk)) > 0)
+		cap -= n;
+}
+
 /* Takes a long-poll POST. Entered with room_lock held; returns with it released. */
 static int poll_post(struct mg_connection *c, struct session *s, bool binary_body,
                      const char *headers)
@@ -2301,8 +2320,12 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
 	room_unlock();
 
 	if (too_large) { /* like Node: 413, and the session lives on; the connection does not */
+		char close_headers[600];
+		snprintf(close_headers, sizeof close_headers, "%sConnection: close\r\n", headers);
 		http_close_after(c);
-		return http_reply(c, 413, "text/plain", headers, "", 0);
+		int status = http_reply(c, 413, "text/plain", close_headers, "", 0);
+		drain_body(c, 4 * limit);
+		return status;
 	}
 	if (malformed)
 		return eio_error_reply(c, E_REQUEST, headers);
@@ -3699,6 +3722,64 @@ static struct {
 
 static struct session *member(int i) { return &sessions[room.members[i]]; }
 
+/*
+ * History: the last --history messages, kept for newcomers as the JSON of their DATA, as
+ * it was broadcast. A newcomer gets them in one extra event right after its login,
+ * ["history", [DATA, ...]]; clients that know only the contract ignore an event they do
+ * not listen to. Messages with binary attachments are not kept. The history is bounded in
+ * bytes too, so that it always fits in a newcomer's outbound queue.
+ */
+static struct {
+	char **items;
+	size_t *lens;
+	int head, count;
+	size_t bytes;
+} history;
+
+static void history_drop_oldest(void)
+{
+	free(history.items[history.head]);
+	history.bytes -= history.lens[history.head];
+	history.head = (history.head + 1) % opt.history;
+	history.count--;
+}
+
+static void history_add(const char *json, size_t len)
+{
+	size_t limit = (size_t)opt.queue_limit / 4;
+	if (opt.history == 0 || len > limit)
+		return;
+	if (!history.items) {
+		history.items = xmalloc((size_t)opt.history * sizeof *history.items);
+		history.lens = xmalloc((size_t)opt.history * sizeof *history.lens);
+	}
+	while (history.count == opt.history || history.bytes + len > limit)
+		history_drop_oldest();
+	int at = (history.head + history.count++) % opt.history;
+	history.items[at] = xstrndup(json, len);
+	history.lens[at] = len;
+	history.bytes += len;
+}
+
+static void history_send(struct session *s)
+{
+	if (opt.history == 0)
+		return;
+	struct buf b = {0};
+	sio_head(&b, SIO_EVENT, "/", 0, -1);
+	buf_adds(&b, "[\"history\",[");
+	for (int i = 0; i < history.count; i++) {
+		int at = (history.head + i) % opt.history;
+		if (i)
+			buf_addc(&b, ',');
+		buf_add(&b, history.items[at], history.lens[at]);
+	}
+	buf_adds(&b, "]]");
+	struct blob *msg = blob_from_buf(&b);
+	session_send(s, msg, false);
+	blob_unref(msg);
+}
+
 /* [[NAME, SID], ...] for everyone in the room. */
 static void put_name_list(struct buf *b)
 {
@@ -3760,6 +3841,7 @@ static void chat_join(struct session *s, int slot, const json_t *auth)
 	if (!opt.quiet)
 		log_line("join  %s (sid %s)", s->nick, s->nsp[slot].sid);
 	room_announce("login", s->nick);
+	history_send(s);
 }
 
 static void chat_leave(struct session *s, int slot, const char *reason)
@@ -3815,9 +3897,11 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 	struct buf b = {0};
 	sio_head(&b, p->type, "/", p->attachments, -1);
 	struct json_span data = p->shape.item[1];
+	size_t data_at = b.len + (size_t)(data.p - p->json.p), data_len = data.n;
 	if (p->shape.count >= 2 && data.p[0] == '{') {
 		buf_add(&b, p->json.p, (size_t)(data.p - p->json.p)); /* ["msg", */
 		json_stamp_username(&b, data, s->nick);
+		data_len = b.len - data_at;
 		const char *after = data.p + data.n;
 		buf_add(&b, after, (size_t)(p->json.p + p->json.n - after)); /* ] and any extras */
 	} else {
@@ -3825,6 +3909,8 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 	}
 	struct blob *msg = blob_from_buf(&b);
 	room_broadcast(msg, att, p->attachments);
+	if (p->shape.count >= 2 && p->attachments == 0)
+		history_add(msg->data + data_at, data_len);
 	blob_unref(msg);
 	if (p->ack >= 0)
 		sio_send(s, SIO_ACK, namespaces[slot]->name, p->ack, "[]", 2);
@@ -3964,12 +4050,50 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 	return eio_error_reply(c, E_REQUEST, headers);
 }
 
-static int serve_home(struct mg_connection *c, bool head)
+/*
+ * The chat page, web/index.html, which the assembler copies into the binary like the
+ * names. Its script is its own small Socket.IO client; the server writes its --path into
+ * it once, at start-up. The page needs nothing from elsewhere, and its Content-Security-
+ * Policy says so: a message that smuggled in markup could not load or send anything.
+ */
+__asm__(".pushsection .rodata\n"
+        ".globl chatroom_page_html\n"
+        ".hidden chatroom_page_html\n"
+        "chatroom_page_html:\n"
+        ".incbin \"web/index.html\"\n"
+        ".byte 0\n"
+        ".popsection\n");
+extern const char chatroom_page_html[] __attribute__((visibility("hidden")));
+
+static struct buf page;
+
+static void page_build(void)
 {
-	static const char text[] =
-		"chatroom " CHATROOM_VERSION " is running.\n"
-		"Connect a Socket.IO client to this address (path /socket.io/).\n";
-	return http_reply(c, 200, "text/plain; charset=UTF-8", NULL, text, head ? 0 : sizeof text - 1);
+	const char *mark = strstr(chatroom_page_html, "{{PATH}}");
+	if (!mark) {
+		buf_adds(&page, chatroom_page_html);
+		return;
+	}
+	buf_add(&page, chatroom_page_html, (size_t)(mark - chatroom_page_html));
+	buf_adds(&page, opt.path);
+	buf_adds(&page, mark + strlen("{{PATH}}"));
+}
+
+static int serve_page(struct mg_connection *c, bool head)
+{
+	static const char headers[] =
+		"Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
+		"style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; "
+		"form-action 'none'; frame-ancestors 'none'\r\n"
+		"X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n";
+	if (head) { /* the headers a GET would have, without the body */
+		char h[1024];
+		int n = snprintf(h, sizeof h, "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+		                 "Content-Length: %zu\r\n%s\r\n", page.len, headers);
+		mg_write(c, h, (size_t)n);
+		return 200;
+	}
+	return http_reply(c, 200, "text/html; charset=utf-8", headers, page.p, page.len);
 }
 
 static int on_request(struct mg_connection *c)
@@ -3983,8 +4107,9 @@ static int on_request(struct mg_connection *c)
 			return eio_http(c, endpoints[i]);
 	}
 	bool head = strcmp(ri->request_method, "HEAD") == 0;
-	if (strcmp(uri, "/") == 0 && (head || strcmp(ri->request_method, "GET") == 0))
-		return serve_home(c, head);
+	if ((strcmp(uri, "/") == 0 || strcmp(uri, "/index.html") == 0) &&
+	    (head || strcmp(ri->request_method, "GET") == 0))
+		return serve_page(c, head);
 	return http_reply(c, 404, "text/plain", NULL, "Not Found\n", 10);
 }
 
@@ -4172,6 +4297,7 @@ static void server_start(void)
 	random_bytes(&seed, sizeof seed);
 	rng_state = seed | 1;
 	sessions_init();
+	page_build();
 
 	wire_epfd = epoll_create1(EPOLL_CLOEXEC);
 	wire.evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -238,3 +238,30 @@ def test_desktop_client_flow(server, chatters):
     assert out["username"] == me
     assert out["name_list"] == [[watcher.nick, watcher.sid]]
     assert server.wait_log(rf"join +{me} ") and server.wait_log(rf"leave {me} ")
+
+
+def test_history_for_newcomers(make_server, chatters):
+    s = make_server("--history", "3")
+    a = chatters(s, transports=["websocket"])
+    for i in range(5):
+        a.say(f"old {i}")
+    a.sio.emit("msg", {"msg": "with a file", "file": b"\x00\x01"})  # binary: not kept
+    a.wait(lambda m: m.get("msg") == "with a file")
+    b = chatters(s, transports=["polling"])
+    assert b.msgs[0]["username"] == b.nick  # its login first, as the contract says
+    assert wait_until(lambda: b.history)
+    assert b.history == [[{"action": "send msg", "username": a.nick, "msg": f"old {i}"}
+                          for i in (2, 3, 4)]]
+    assert not a.history or a.history == [[]]  # a came to an empty room
+
+
+def test_history_can_be_turned_off(make_server, chatters):
+    s = make_server("--history", "0")
+    a = chatters(s, transports=["websocket"])
+    a.say("before")
+    a.wait(lambda m: m.get("msg") == "before")
+    b = chatters(s, transports=["websocket"])
+    b.nick
+    a.say("after")
+    b.wait(lambda m: m.get("msg") == "after")
+    assert b.history == []

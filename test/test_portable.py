@@ -68,7 +68,8 @@ def test_static_binary_alone_in_an_empty_directory_with_an_empty_environment(tmp
     try:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["chatroom"]
         chat_smoke(s)
-        assert requests.get(s.url + "/", timeout=5).status_code == 200
+        page = requests.get(s.url + "/", timeout=5)
+        assert page.status_code == 200 and "<title>chatroom</title>" in page.text
         deep_json_drops_the_sender_only(s)  # jansson from source, with its own limit too
     finally:
         s.assert_clean_exit()
@@ -113,7 +114,8 @@ def test_student_build_against_debian_packages(tmp_path):
     """The one-line build from the README, in a copy of the repository's files."""
     if not Path("/usr/include/civetweb.h").exists():
         pytest.skip("needs libcivetweb-dev")
-    for name in ("chatroom.c", "name.txt"):
+    for name in ("chatroom.c", "name.txt", "web/index.html"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     r = subprocess.run(STUDENT_BUILD, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -121,6 +123,7 @@ def test_student_build_against_debian_packages(tmp_path):
     try:
         assert s.wait_log("without IPv6: listening on IPv4 only")
         chat_smoke(s)
+        assert "<title>chatroom</title>" in requests.get(s.url + "/", timeout=5).text
     finally:
         code, took = s.stop(timeout=5)
         assert code == 0  # Debian's civetweb takes up to 2 s to stop

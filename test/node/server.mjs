@@ -26,7 +26,8 @@ function accepting(port) {
 }
 
 export async function startServer(...args) {
-  const port = await freePort();
+  const i = args.indexOf("--port");
+  const port = i >= 0 ? Number(args.splice(i, 2)[1]) : await freePort();
   const proc = spawn(BINARY, ["--host", "127.0.0.1", "--port", String(port), ...args], {
     stdio: ["ignore", "pipe", "pipe"],
   });

@@ -1,0 +1,241 @@
+// The web page, in headless Chromium (Debian's, driven by playwright-core): two pages and
+// a python-socketio client chat; scrolling follows or stays; nothing from others runs as
+// HTML; Enter and Shift+Enter; reconnecting after a restart; history; two screen sizes.
+import { test, after, before } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+import { mkdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+import { chromium } from "playwright-core";
+import { startServer } from "./server.mjs";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const artifacts = path.join(here, "..", "artifacts");
+mkdirSync(artifacts, { recursive: true });
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+let browser;
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+});
+after(async () => { await browser.close(); });
+
+async function openPage(server, viewport = { width: 1280, height: 800 }) {
+  const page = await browser.newPage({ viewport });
+  page.dialogs = [];
+  page.on("dialog", (d) => { page.dialogs.push(d.message()); d.dismiss(); });
+  page.errors = [];
+  page.on("pageerror", (e) => page.errors.push(String(e)));
+  await page.goto(server.url + "/");
+  await page.waitForSelector("#me b");
+  page.nick = await page.textContent("#me b");
+  return page;
+}
+
+async function say(page, text) {
+  await page.fill("#input", text);
+  await page.press("#input", "Enter");
+}
+
+function texts(page) {
+  return page.$$eval("#messages .msg .text", (els) => els.map((e) => e.textContent));
+}
+
+async function waitText(page, text, timeout = 10000) {
+  await page.waitForFunction((t) => [...document.querySelectorAll("#messages .msg .text")]
+    .some((e) => e.textContent === t), text, { timeout });
+}
+
+// A python-socketio client, driven through test/node/python_chatter.py.
+function python(server) {
+  const proc = spawn("/usr/bin/python3", [path.join(here, "python_chatter.py"), server.url, "websocket"],
+                     { stdio: ["pipe", "pipe", "inherit"] });
+  const msgs = [];
+  createInterface({ input: proc.stdout }).on("line", (l) => msgs.push(JSON.parse(l)));
+  return {
+    msgs,
+    say: (t) => proc.stdin.write(`say ${t.replaceAll("\n", " ")}\n`),
+    async waitFor(pred, ms = 10000) {
+      for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 20)))
+        if (msgs.find(pred)) return msgs.find(pred);
+      throw new Error("python client: nothing matched");
+    },
+    quit: () => proc.stdin.end("quit\n"),
+  };
+}
+
+function scrollState(page) {
+  return page.$eval("#messages", (m) => ({
+    top: m.scrollTop, atBottom: m.scrollHeight - m.scrollTop - m.clientHeight < 2,
+    button: !document.querySelector("#new-messages").hidden,
+  }));
+}
+
+test("two pages and a python client chat; the page lists who is online", async () => {
+  const server = await startServer();
+  const a = await openPage(server), b = await openPage(server);
+  const py = python(server);
+  const pyNick = (await py.waitFor((m) => m.action === "login")).username;
+  await a.waitForFunction((n) => document.querySelector("#people-list").textContent.includes(n), pyNick);
+  assert.equal(await a.$$eval("#people-list li", (l) => l.length), 3);
+  await say(a, "hello from page A");
+  await waitText(b, "hello from page A");
+  const fromA = await py.waitFor((m) => m.msg === "hello from page A");
+  assert.equal(fromA.username, a.nick);
+  py.say("hi from python");
+  await waitText(a, "hi from python");
+  await waitText(b, "hi from python");
+  assert.match(await b.textContent("#messages"), new RegExp(`${a.nick}.*joined|joined`));
+  py.quit();
+  await a.waitForFunction((n) => document.querySelector("#messages").textContent.includes(`${n} left`), pyNick);
+  assert.deepEqual([a.errors, b.errors], [[], []]);
+  await a.close(); await b.close();
+  await server.stop();
+});
+
+test("without WebSocket the page falls back to long-polling", async () => {
+  const server = await startServer();
+  const page = await browser.newPage();
+  await page.addInitScript(() => { window.WebSocket = function () { throw new Error("blocked"); }; });
+  await page.goto(server.url + "/");
+  await page.waitForSelector("#me b");
+  const other = await openPage(server);
+  await say(page, "sent over polling");
+  await waitText(other, "sent over polling");
+  await say(other, "and back");
+  await waitText(page, "and back");
+  await page.close(); await other.close();
+  await server.stop();
+});
+
+test("Enter sends, Shift+Enter breaks the line, empty is not sent, the box clears", async () => {
+  const server = await startServer();
+  const a = await openPage(server);
+  await a.fill("#input", "line one");
+  await a.press("#input", "Shift+Enter");
+  await a.type("#input", "line two");
+  await a.press("#input", "Enter");
+  await waitText(a, "line one\nline two");
+  assert.equal(await a.inputValue("#input"), "");
+  await a.fill("#input", "   \n  ");
+  await a.press("#input", "Enter");
+  await a.click("#send");
+  await a.waitForTimeout(300);
+  assert.deepEqual(await texts(a), ["line one\nline two"]);
+  await a.close();
+  await server.stop();
+});
+
+test("what others send is shown as text and runs nothing", async () => {
+  const server = await startServer();
+  const a = await openPage(server);
+  const py = python(server);
+  await py.waitFor((m) => m.action === "login");
+  const attack = "<img src=x onerror=alert(1)><script>alert(2)</script>";
+  py.say(attack);
+  await waitText(a, attack);
+  await a.waitForTimeout(500);
+  assert.equal(await a.$$eval("#messages img, #messages script", (l) => l.length), 0);
+  assert.deepEqual(a.dialogs, []);
+  py.quit();
+  await a.close();
+  await server.stop();
+});
+
+test("autoscroll: follows at the bottom, stays put when scrolled up, button jumps down", async () => {
+  const server = await startServer("--flood-limit", "0");
+  const a = await openPage(server);
+  const py = python(server);
+  await py.waitFor((m) => m.action === "login");
+  for (let i = 0; i < 200; i++) py.say(`first batch ${i}`);
+  await waitText(a, "first batch 199");
+  await a.waitForTimeout(100);
+  let s = await scrollState(a);
+  assert.ok(s.atBottom && !s.button, JSON.stringify(s));  // followed every one of them
+  await a.$eval("#messages", (m) => { m.scrollTop = m.scrollHeight / 3; });
+  await a.waitForTimeout(100);
+  const readingAt = (await scrollState(a)).top;
+  for (let i = 0; i < 200; i++) py.say(`second batch ${i}`);
+  await waitText(a, "second batch 199");
+  await a.waitForTimeout(100);
+  s = await scrollState(a);
+  assert.ok(Math.abs(s.top - readingAt) <= 1 && !s.atBottom, JSON.stringify(s)); // stayed
+  assert.ok(s.button);                                                           // and says so
+  await a.click("#new-messages");
+  s = await scrollState(a);
+  assert.ok(s.atBottom && !s.button, JSON.stringify(s));
+  py.quit();
+  await a.close();
+  await server.stop();
+});
+
+test("long words wrap, and the page works at 360 px", async () => {
+  const server = await startServer();
+  const small = await openPage(server, { width: 360, height: 740 });
+  const word = "x".repeat(400);
+  await say(small, word);
+  await waitText(small, word);
+  const overflow = await small.$eval("#messages", (m) => m.scrollWidth - m.clientWidth);
+  assert.ok(overflow <= 0, `horizontal overflow ${overflow}px`);
+  await small.click("#people-toggle");
+  assert.ok(await small.isVisible("#people-list"));
+  await small.close();
+  await server.stop();
+});
+
+test("the page says it is disconnected and comes back when the server does", async () => {
+  let server = await startServer();
+  const a = await openPage(server);
+  const port = server.port;
+  await server.stop();
+  await a.waitForSelector("#status.offline", { timeout: 10000 });
+  assert.match(await a.textContent("#status"), /reconnecting/);
+  server = await startServer("--port", String(port));
+  await a.waitForSelector("#status.online", { timeout: 15000 });
+  await a.waitForFunction(() => document.querySelector("#messages").textContent.includes("Reconnected as"));
+  await say(a, "back again");
+  await waitText(a, "back again");
+  await a.close();
+  await server.stop();
+});
+
+test("a newcomer sees the last messages above its own arrival", async () => {
+  const server = await startServer("--history", "5");
+  const a = await openPage(server);
+  for (let i = 0; i < 8; i++) { await say(a, `message ${i}`); await waitText(a, `message ${i}`); }
+  const b = await openPage(server);
+  await b.waitForSelector("#messages .divider");
+  assert.deepEqual(await texts(b), ["message 3", "message 4", "message 5", "message 6", "message 7"]);
+  const order = await b.$$eval("#messages > *", (els) => els.map((e) => e.className));
+  assert.equal(order[0], "divider");
+  assert.ok(order.indexOf("event") > order.lastIndexOf("msg earlier"));
+  await a.close(); await b.close();
+  await server.stop();
+});
+
+test("screenshots at 1280x800 and 360x740", async () => {
+  const server = await startServer();
+  const wide = await openPage(server, { width: 1280, height: 800 });
+  const narrow = await openPage(server, { width: 360, height: 740 });
+  const py = python(server);
+  await py.waitFor((m) => m.action === "login");
+  const lines = [[wide, "Hello everyone!"], [narrow, "Hi! Anyone up for the homework tonight?"],
+                 [wide, "Sure, let's meet at 7.\nI'll bring the notes."], [null, "count me in"],
+                 [narrow, "a-really-long-link-like-thing-" + "without-spaces-".repeat(6)]];
+  for (const [page, text] of lines) {
+    if (page) await say(page, text); else py.say(text);
+    await waitText(wide, text.replace(/\n/g, "\n"));
+  }
+  await waitText(narrow, lines[4][1]);
+  await wide.screenshot({ path: path.join(artifacts, "page-1280x800.png") });
+  await narrow.screenshot({ path: path.join(artifacts, "page-360x740.png") });
+  py.quit();
+  await wide.close(); await narrow.close();
+  await server.stop();
+});

@@ -12,6 +12,7 @@ from conftest import Polling, wait_until
 from rawws import RawWS, Closed
 
 LOGIN = '42["msg",{"username":'
+HISTORY = '42["history",'
 
 
 def body_error(r):
@@ -51,17 +52,18 @@ def test_polling_batches_packets_both_ways(server):
     r = p.post('40\x1e42["msg",{"msg":"one"}]\x1e42["msg",{"msg":"two"}]')
     assert (r.status_code, r.text) == (200, "ok")
     packets = []
-    while len(packets) < 4:
+    while len(packets) < 5:
         packets += p.packets()
     assert packets[0].startswith('40{"sid":"')
     assert packets[1].startswith(LOGIN)
-    assert '"msg":"one"' in packets[2] and '"msg":"two"' in packets[3]
+    assert packets[2].startswith(HISTORY)
+    assert '"msg":"one"' in packets[3] and '"msg":"two"' in packets[4]
 
 
 def test_binary_over_polling_is_base64(server):
     p = Polling(server)
     p.post("40")
-    assert len(p.packets()) == 2  # CONNECT answer and login
+    assert len(p.packets()) == 3  # CONNECT answer, login, history
     r = p.post('451-["msg",{"file":{"_placeholder":true,"num":0}}]\x1ebAQIDBA==')
     assert r.status_code == 200
     packets = p.packets()
@@ -75,6 +77,7 @@ def test_websocket_session(server):
     ws.send_text("40")
     assert ws.recv_message().startswith('40{"sid":"')
     assert ws.recv_message().startswith(LOGIN)
+    assert ws.recv_message().startswith(HISTORY)
     ws.send_text('42["msg",{"msg":"hi"}]')
     assert '"msg":"hi"' in ws.recv_message()
     ws.send_text('451-["msg",{"_placeholder":true,"num":0}]')
@@ -87,7 +90,7 @@ def test_websocket_session(server):
 def test_upgrade_from_polling(server):
     p = Polling(server)
     p.post("40")
-    assert len(p.packets()) == 2
+    assert len(p.packets()) == 3
     parked = {}
     t = threading.Thread(target=lambda: parked.setdefault("r", p.get(timeout=10)))
     t.start()

@@ -20,6 +20,7 @@ def joined(server, auth=""):
     assert answer.startswith('40{"sid":"'), answer
     login = ws.recv_message()
     assert login.startswith(LOGIN)
+    assert ws.recv_message().startswith('42["history",')  # the last messages, for newcomers
     ws.sid = json.loads(answer[2:])["sid"]
     ws.nick = json.loads(login[2:])[1]["username"]
     return ws
@@ -79,6 +80,7 @@ def test_disconnect_leaves_the_room_and_can_rejoin(server):
     b.send_text("40")  # the Engine.IO session is still open
     assert b.recv_message().startswith('40{"sid":"')
     assert b.recv_message().startswith(LOGIN)
+    assert b.recv_message().startswith('42["history",')
     a.close()
     b.close()
 

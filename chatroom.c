@@ -1486,6 +1486,7 @@ struct session {
 
 	/* the chat room */
 	char *nick;
+	bool delta;          /* asked for presence deltas instead of whole name lists */
 	double flood_tokens; /* messages it may still send at once */
 	int64_t flood_at;    /* when the tokens were last counted */
 };
@@ -3802,8 +3803,14 @@ static void room_broadcast(struct blob *head, struct blob *const *att, int natt)
 		sio_send_blobs(member(i), head, att, natt);
 }
 
-/* Broadcasts a login or logout of `who`. */
-static void room_announce(const char *action, const char *who)
+/*
+ * Presence. The contract sends the whole name_list to everybody on every login and
+ * logout: O(N) bytes to N people, O(N^2) for a room filling up. A client that asks for
+ * deltas (CONNECT auth {"presence":"delta"}) gets the whole list only in its own login,
+ * and then logins and logouts of others with username and sid instead of the list. Each
+ * form is serialized at most once per event, and only if someone wants it.
+ */
+static struct blob *presence_full(const char *action, const char *who)
 {
 	struct buf b = {0};
 	sio_head(&b, SIO_EVENT, "/", 0, -1);
@@ -3819,9 +3826,40 @@ static void room_announce(const char *action, const char *who)
 	buf_adds(&b, ",\"name_list\":");
 	put_name_list(&b);
 	buf_adds(&b, "}]");
-	struct blob *msg = blob_from_buf(&b);
-	room_broadcast(msg, NULL, 0);
-	blob_unref(msg);
+	return blob_from_buf(&b);
+}
+
+static struct blob *presence_delta(const char *action, const char *who, const char *sid)
+{
+	struct buf b = {0};
+	sio_head(&b, SIO_EVENT, "/", 0, -1);
+	buf_printf(&b, "[\"msg\",{\"action\":\"%s\",\"username\":", action);
+	json_put_string(&b, who);
+	buf_adds(&b, ",\"sid\":");
+	json_put_string(&b, sid);
+	buf_adds(&b, "}]");
+	return blob_from_buf(&b);
+}
+
+/* Tells the room that `who` came or went, each member in the form it asked for. */
+static void room_announce(const char *action, struct session *who, int slot)
+{
+	bool login = strcmp(action, "login") == 0;
+	struct blob *full = NULL, *delta = NULL;
+	for (int i = 0; i < room.count; i++) {
+		struct session *m = member(i);
+		if (!m->delta || (login && m == who)) {
+			if (!full)
+				full = presence_full(action, who->nick);
+			session_send(m, full, false);
+		} else {
+			if (!delta)
+				delta = presence_delta(action, who->nick, who->nsp[slot].sid);
+			session_send(m, delta, false);
+		}
+	}
+	blob_unref(full);
+	blob_unref(delta);
 }
 
 static const char *chat_admit(struct session *s, int slot, const json_t *auth)
@@ -3832,7 +3870,8 @@ static const char *chat_admit(struct session *s, int slot, const json_t *auth)
 
 static void chat_join(struct session *s, int slot, const json_t *auth)
 {
-	(void)auth;
+	const json_t *presence = json_object_get(auth, "presence");
+	s->delta = json_is_string(presence) && strcmp(json_string_value(presence), "delta") == 0;
 	s->nick = name_pick();
 	name_claim(s->nick, s->index);
 	s->flood_tokens = 2.0 * opt.flood_limit;
@@ -3840,7 +3879,7 @@ static void chat_join(struct session *s, int slot, const json_t *auth)
 	room.members[room.count++] = s->index;
 	if (!opt.quiet)
 		log_line("join  %s (sid %s)", s->nick, s->nsp[slot].sid);
-	room_announce("login", s->nick);
+	room_announce("login", s, slot);
 	history_send(s);
 }
 
@@ -3857,7 +3896,7 @@ static void chat_leave(struct session *s, int slot, const char *reason)
 	if (!opt.quiet)
 		log_line("leave %s (sid %s): %s", s->nick, s->nsp[slot].sid, reason ? reason : "");
 	if (!stopping) /* at shutdown everyone leaves: nobody is left to tell */
-		room_announce("logout", s->nick);
+		room_announce("logout", s, slot);
 	free(s->nick);
 	s->nick = NULL;
 }

@@ -265,3 +265,25 @@ def test_history_can_be_turned_off(make_server, chatters):
     a.say("after")
     b.wait(lambda m: m.get("msg") == "after")
     assert b.history == []
+
+
+def test_delta_presence(server, chatters):
+    """A client that asks for deltas gets the whole name_list in its own login only;
+    legacy clients in the same room keep getting whole lists."""
+    legacy = chatters(server, transports=["websocket"])
+    d = chatters(server, transports=["websocket"], auth={"presence": "delta"})
+    own = d.msgs[0]
+    assert own["action"] == "login" and own["username"] == d.nick
+    assert own["name_list"] == [[legacy.nick, legacy.sid], [d.nick, d.sid]]
+    other = chatters(server, transports=["polling"])
+    got = d.wait(lambda m: m.get("username") == other.nick)
+    assert got == {"action": "login", "username": other.nick, "sid": other.sid}
+    full = legacy.wait(lambda m: m.get("username") == other.nick)
+    assert len(full["name_list"]) == 3
+    other_nick, other_sid = other.nick, other.sid
+    other.close()
+    gone = d.wait(lambda m: m.get("action") == "logout")
+    assert gone == {"action": "logout", "username": other_nick, "sid": other_sid}
+    assert "name_list" in legacy.wait(lambda m: m.get("action") == "logout")
+    legacy.say("still one room")
+    assert d.wait(lambda m: m.get("msg") == "still one room")["username"] == legacy.nick

@@ -120,6 +120,7 @@ STATIC_BINARIES := $(BUILD)/chatroom-x86_64 $(BUILD)/chatroom-arm64 $(BUILD)/cha
 test: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/protocol-server-asan \
       $(BUILD)/unit $(STATIC_BINARIES)
 	@.ci/check-test-deps
+	$(MAKE) --no-print-directory test/node_modules
 	$(BUILD)/unit
 	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/chatroom \
 	        PROTOCOL_SERVER=$(CURDIR)/$(BUILD)/protocol-server
@@ -127,7 +128,7 @@ test: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/protocol
 	        PROTOCOL_SERVER=$(CURDIR)/$(BUILD)/protocol-server-asan
 	@echo "all tests passed"
 
-test-python:
+test-python: test/node_modules
 	CHATROOM=$(CHATROOM) PROTOCOL_SERVER=$(PROTOCOL_SERVER) $(PYTHON) -m pytest -q -p no:cacheprovider \
 	        -n 3 --dist loadfile test/
 

@@ -4,6 +4,7 @@
 #   make run          builds it and runs it on port 5000, every interface
 #   make test         builds, then runs every test against ./chatroom and again against
 #                     an ASan+UBSan build; fails if any test fails
+#   make bench        runs chatroom and Node's socket.io through the same load (minutes)
 #   sudo make deps    installs what building needs (Debian, Ubuntu)
 #   sudo make test-deps   installs what the tests need as well
 #
@@ -34,7 +35,7 @@ SANITIZE      := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 SOURCES := chatroom.c name.txt web/index.html Makefile
 
 .PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean \
-        protocol-server static install
+        protocol-server static install bench
 
 all: chatroom
 
@@ -66,6 +67,22 @@ run: chatroom
 # The server the official Engine.IO and Socket.IO test suites expect: port 3000.
 protocol-server: $(BUILD)/protocol-server
 	$(BUILD)/protocol-server
+
+# ---- the benchmark ----------------------------------------------------------------------
+# Not a test: it takes minutes and its numbers depend on the machine. bench/run.py says at
+# its top what it does; BENCH_ARGS passes options to it (e.g. BENCH_ARGS=--quick).
+
+$(BUILD)/loadgen: bench/loadgen.c
+	@mkdir -p $(BUILD)
+	$(CC) -std=c11 -Wall -Wextra -Werror -O2 -o $@ bench/loadgen.c
+
+bench/node_modules: bench/package.json bench/package-lock.json
+	@command -v npm >/dev/null || { echo "chatroom: the benchmark needs Node.js and npm. Fix: sudo apt-get install nodejs npm"; exit 1; }
+	cd bench && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+bench: chatroom $(BUILD)/loadgen bench/node_modules
+	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 # ---- static and cross builds ----------------------------------------------------------
 # make static [ARCH=x86_64|arm64|armhf] builds build/chatroom-ARCH: fully static, civetweb
@@ -118,7 +135,7 @@ PYTHON := /usr/bin/python3
 STATIC_BINARIES := $(BUILD)/chatroom-x86_64 $(BUILD)/chatroom-arm64 $(BUILD)/chatroom-armhf
 
 test: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/protocol-server-asan \
-      $(BUILD)/unit $(STATIC_BINARIES)
+      $(BUILD)/unit $(STATIC_BINARIES) $(BUILD)/loadgen
 	@.ci/check-test-deps
 	$(MAKE) --no-print-directory test/node_modules
 	$(BUILD)/unit

@@ -83,6 +83,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -171,8 +172,8 @@ static void usage(FILE *f)
 	        "      --max-payload BYTES  largest message or POST body (default 1000000)\n"
 	        "      --max-clients N      room size, at most %d (default 1000)\n"
 	        "      --queue-limit BYTES  outbound backlog after which a client that does\n"
-	        "                           not read is dropped (default: 2 x max-payload,\n"
-	        "                           at least 1 MiB)\n"
+	        "                           not read is dropped (default: 2 x max-payload or\n"
+	        "                           32 x max-clients^2 if more, at most 64 MiB)\n"
 	        "      --threads N          HTTP worker threads (default: max-clients plus\n"
 	        "                           a margin, so that every client can long-poll)\n"
 	        "      --history N          last messages a newcomer is sent (default 50; 0: none)\n"
@@ -222,6 +223,23 @@ static const char *normalize_path(const char *arg)
 		abort();
 	snprintf(p, n + 3, "%s%s%s", arg[0] == '/' ? "" : "/", arg, arg[n - 1] == '/' ? "" : "/");
 	return p;
+}
+
+/*
+ * How far behind a client may fall before it is dropped. It must hold what the contract
+ * itself sends in a burst: when a full room of legacy clients joins at once, the first
+ * one is sent every later login with the whole name_list, some 35 bytes a name, so about
+ * 18 * N^2 bytes; twice that, up to 64 MiB, and never less than two messages. A backlog is
+ * mostly broadcasts, whose bytes all members' queues share: the limit bounds lag more than
+ * memory.
+ */
+static long default_queue_limit(void)
+{
+	long storm = 32L * opt.max_clients * opt.max_clients;
+	long limit = 2 * opt.max_payload;
+	if (storm > limit)
+		limit = storm < (64L << 20) ? storm : (64L << 20);
+	return limit < (1L << 20) ? 1L << 20 : limit;
 }
 
 static void parse_options(int argc, char **argv)
@@ -304,11 +322,8 @@ static void parse_options(int argc, char **argv)
 		usage(stderr);
 		exit(2);
 	}
-	if (opt.queue_limit == 0) {
-		opt.queue_limit = 2 * opt.max_payload;
-		if (opt.queue_limit < (1L << 20))
-			opt.queue_limit = 1L << 20;
-	}
+	if (opt.queue_limit == 0)
+		opt.queue_limit = default_queue_limit();
 	if (opt.queue_limit < opt.max_payload + 4 * QUEUE_ENTRY_COST) {
 		fprintf(stderr, "chatroom: --queue-limit must hold at least one message of "
 		                "--max-payload bytes (%ld)\n", opt.max_payload);
@@ -2548,13 +2563,14 @@ static void plan_done(struct send_plan *sp, struct wsconn *ws, size_t n)
 }
 
 /*
- * Writes what the socket takes: the unfinished frame first, control frames at a frame
- * boundary, then whole frames, one sendmsg a round. Returns false if the socket is dead.
- * Wire thread, no lock.
+ * Writes what the socket takes, up to about `budget` bytes: the unfinished frame first,
+ * control frames at a frame boundary, then whole frames, several in one sendmsg. Returns
+ * false if the socket is dead. Wire thread, no lock.
  */
-static bool ws_send(struct wsconn *ws)
+static bool ws_send_some(struct wsconn *ws, size_t budget)
 {
-	while (!ws->blocked && (ws->nout || ws->ctl_len)) {
+	size_t sent = 0;
+	while (!ws->blocked && (ws->nout || ws->ctl_len) && sent < budget) {
 		struct send_plan sp;
 		sp.n = 0;
 		int i = 0;
@@ -2576,9 +2592,12 @@ static bool ws_send(struct wsconn *ws)
 			return false;
 		}
 		plan_done(&sp, ws, (size_t)n);
+		sent += (size_t)n;
 	}
 	return true;
 }
+
+static bool ws_send(struct wsconn *ws) { return ws_send_some(ws, SIZE_MAX); }
 
 /*
  * Lets go of a socket for good. Its slot goes back to the free list only at the end of the
@@ -2930,18 +2949,28 @@ static void wire_wake(void)
 	}
 }
 
-/* Writes the queues marked dirty, a batch of sessions at a time. */
+/*
+ * Writes the queues marked dirty, a batch of sessions at a time. Each session gets at most
+ * ROUND_BYTES a round; one with more waiting is marked dirty again for the next round.
+ * So a flood of big messages (a join storm sends each legacy member a name_list per
+ * login) cannot keep the thread from reading for long: new clients are let in, and a
+ * small message to someone else waits for one round, not for gigabytes.
+ */
 static void wire_flush(void)
 {
-	enum { BATCH = 256 };
-	for (;;) {
+	enum { BATCH = 256, ROUND_BYTES = 64 * 1024 };
+	room_lock_acquire();
+	struct session *todo = dirty_head; /* this round's; kicks from now on are the next's */
+	dirty_head = NULL;
+	room_unlock();
+	while (todo) {
 		struct wsconn *writers[BATCH], *closers[2 * BATCH];
 		uint32_t wgen[BATCH];
 		int nw = 0, nc = 0;
 		room_lock_acquire();
-		while (dirty_head && nw < BATCH && nc < BATCH) {
-			struct session *s = dirty_head;
-			dirty_head = s->next_dirty;
+		while (todo && nw < BATCH && nc < BATCH) {
+			struct session *s = todo;
+			todo = s->next_dirty;
 			s->dirty = false;
 			if (s->state != S_OPEN) {
 				if (s->ws)
@@ -2957,7 +2986,6 @@ static void wire_flush(void)
 			}
 			session_release(s);
 		}
-		bool more = dirty_head != NULL;
 		room_unlock();
 
 		for (int i = 0; i < nc; i++)
@@ -2968,7 +2996,7 @@ static void wire_flush(void)
 			else
 				ws_closing_progress(closers[i]);
 		for (int i = 0; i < nw; i++)
-			if (!ws_send(writers[i]))
+			if (!ws_send_some(writers[i], ROUND_BYTES))
 				ws_lost(writers[i], "transport error");
 
 		room_lock_acquire();
@@ -2979,12 +3007,10 @@ static void wire_flush(void)
 				continue;
 			s->qbytes -= ws->out_done;
 			ws->out_done = 0;
-			if (s->q.count && !ws->blocked)
-				session_kick(s); /* more than one batch was waiting */
+			if ((s->q.count || ws->nout || ws->ctl_len) && !ws->blocked)
+				session_kick(s); /* more was waiting than one round writes */
 		}
 		room_unlock();
-		if (!more)
-			break;
 	}
 }
 
@@ -4329,9 +4355,27 @@ static void print_addresses(bool ipv6)
 	printf("Press Ctrl+C to stop.\n");
 }
 
+/* Every client is a socket: a room of 10000 needs more descriptors than the usual soft
+ * limit of 1024. Raise it as far as the hard limit allows, and say so if that is short. */
+static void raise_fd_limit(int needed)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+		return;
+	if (rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+	if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (rlim_t)needed)
+		fprintf(stderr, "chatroom: warning: only %lu file descriptors allowed, %d clients "
+		        "need about %d (raise it with ulimit -n)\n", (unsigned long)rl.rlim_cur,
+		        opt.max_clients, needed);
+}
+
 /* Starts the wire thread and civetweb. Exits 1 with one clear line if it cannot. */
 static void server_start(void)
 {
+	raise_fd_limit(opt.max_clients + opt.max_clients / 8 + 64);
 	uint64_t seed;
 	random_bytes(&seed, sizeof seed);
 	rng_state = seed | 1;

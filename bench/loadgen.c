@@ -12,7 +12,8 @@
  * --stall K makes K clients stop reading once they have joined (a client gone deaf), to
  * see what that does to everyone else. With --server-pid it reads the server's CPU time
  * and resident memory from /proc; it reports its own CPU time too, so that one can see it
- * was not the bottleneck. The result is one line of JSON.
+ * was not the bottleneck. --pad adds bytes to every message, so that a stalled client's
+ * queue fills in seconds rather than hours. The result is one line of JSON.
  *
  * libc only: cc -O2 -o loadgen loadgen.c
  */
@@ -45,7 +46,8 @@ static struct {
 	bool delta;
 	int server_pid;
 	int ramp; /* connections being set up at once */
-} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, 0, 500};
+	int pad;  /* extra bytes in each message */
+} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, 0, 500, 0};
 
 static int64_t now_ns(void)
 {
@@ -103,7 +105,8 @@ static void record(uint32_t us)
 
 static void arm(struct client *c, bool want_write)
 {
-	struct epoll_event ev = {.events = (c->stalled ? 0 : EPOLLIN) | (want_write ? EPOLLOUT : 0),
+	bool deaf = c->stalled && c->state == READY; /* a stalled client reads until it joins */
+	struct epoll_event ev = {.events = (deaf ? 0 : EPOLLIN) | (want_write ? EPOLLOUT : 0),
 	                         .data.ptr = c};
 	epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
 }
@@ -301,7 +304,8 @@ static void on_text(struct client *c, const char *p, size_t n)
 	if (n < 8 || memcmp(p, "42[\"msg\"", 8) != 0)
 		return;
 	received_total++;
-	const char *t = memmem(p, n, "\"t\":", 4);
+	/* our messages carry "t" near the start; presence messages can be long: do not scan them */
+	const char *t = memmem(p, n < 96 ? n : 96, "\"t\":", 4);
 	if (t) {
 		int64_t sent = strtoll(t + 4, NULL, 10);
 		if (sent >= measure_from && sent < measure_to) {
@@ -318,13 +322,13 @@ static void on_text(struct client *c, const char *p, size_t n)
 	}
 }
 
-/* Parses whole frames from c->in. */
-static void on_frames(struct client *c)
+/* Handles the whole frames in p[0..n); returns how many bytes they took. */
+static size_t on_frames(struct client *c, const char *p, size_t n)
 {
 	size_t used = 0;
 	while (c->state != DEAD) {
-		unsigned char *f = (unsigned char *)c->in + used;
-		size_t avail = c->inlen - used;
+		const unsigned char *f = (const unsigned char *)p + used;
+		size_t avail = n - used;
 		if (avail < 2)
 			break;
 		int op = f[0] & 0x0F, len7 = f[1] & 0x7F;
@@ -350,13 +354,30 @@ static void on_frames(struct client *c)
 		}
 		used += hl + (size_t)len;
 	}
-	memmove(c->in, c->in + used, c->inlen - used);
-	c->inlen -= used;
+	return used;
 }
 
+/* The server's answer to the upgrade request; the frames after it stay in c->in. */
+static void on_upgrade_answer(struct client *c)
+{
+	char *end = memmem(c->in, c->inlen, "\r\n\r\n", 4);
+	if (!end)
+		return;
+	if (c->inlen < 12 || memcmp(c->in, "HTTP/1.1 101", 12) != 0) {
+		kill_client(c);
+		return;
+	}
+	size_t head = (size_t)(end + 4 - c->in);
+	memmove(c->in, c->in + head, c->inlen - head);
+	c->inlen -= head;
+	c->state = OPENING;
+}
+
+/* Reads what the socket has. Frames are parsed straight from the read buffer; only an
+ * unfinished one is kept, so the common case copies nothing. */
 static void on_readable(struct client *c)
 {
-	char buf[65536];
+	static char buf[1 << 16];
 	for (;;) {
 		ssize_t n = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
 		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
@@ -365,21 +386,20 @@ static void on_readable(struct client *c)
 		}
 		if (n < 0)
 			return;
-		append(&c->in, &c->inlen, &c->incap, buf, (size_t)n);
-		if (c->state == UPGRADING) {
-			char *end = memmem(c->in, c->inlen, "\r\n\r\n", 4);
-			if (!end)
-				continue;
-			if (c->inlen < 12 || memcmp(c->in, "HTTP/1.1 101", 12) != 0) {
-				kill_client(c);
-				return;
+		if (c->inlen == 0 && c->state != UPGRADING) {
+			size_t used = on_frames(c, buf, (size_t)n);
+			if (c->state != DEAD && used < (size_t)n)
+				append(&c->in, &c->inlen, &c->incap, buf + used, (size_t)n - used);
+		} else {
+			append(&c->in, &c->inlen, &c->incap, buf, (size_t)n);
+			if (c->state == UPGRADING)
+				on_upgrade_answer(c);
+			if (c->state != UPGRADING && c->state != DEAD) {
+				size_t used = on_frames(c, c->in, c->inlen);
+				memmove(c->in, c->in + used, c->inlen - used);
+				c->inlen -= used;
 			}
-			size_t head = (size_t)(end + 4 - c->in);
-			memmove(c->in, c->in + head, c->inlen - head);
-			c->inlen -= head;
-			c->state = OPENING;
 		}
-		on_frames(c);
 		if (c->state == DEAD || (c->stalled && c->state == READY))
 			return;
 		if (n < (ssize_t)sizeof buf)
@@ -496,11 +516,19 @@ static void send_tick(int64_t now)
 		}
 		if (!c)
 			return;
-		char msg[160];
+		static char *msg, *padding;
+		if (!msg) {
+			msg = malloc((size_t)opt.pad + 160);
+			padding = malloc((size_t)opt.pad + 1);
+			if (!msg || !padding)
+				die("malloc");
+			memset(padding, 'x', (size_t)opt.pad);
+			padding[opt.pad] = 0;
+		}
 		int64_t t = now_ns();
-		int n = snprintf(msg, sizeof msg,
-		                 "42[\"msg\",{\"action\":\"send msg\",\"msg\":\"bench\",\"t\":%lld}]",
-		                 (long long)t);
+		int n = snprintf(msg, (size_t)opt.pad + 160,
+		                 "42[\"msg\",{\"action\":\"send msg\",\"t\":%lld,\"msg\":\"bench%s\"}]",
+		                 (long long)t, padding);
 		send_text(c, msg, (size_t)n);
 		sent_total++;
 		if (t >= measure_from && t < measure_to)
@@ -531,7 +559,7 @@ static void usage(void)
 	        "usage: loadgen [--host H] [--port P] [--path /socket.io/] --clients N\n"
 	        "               [--scenario join|fanout|hold] [--senders S] [--rate R]\n"
 	        "               [--seconds T] [--warmup W] [--delta] [--stall K]\n"
-	        "               [--server-pid PID] [--ramp N]\n");
+	        "               [--server-pid PID] [--ramp N] [--pad BYTES]\n");
 	exit(2);
 }
 
@@ -541,7 +569,8 @@ int main(int argc, char **argv)
 		{"host", 1, 0, 'h'}, {"port", 1, 0, 'p'}, {"path", 1, 0, 'P'}, {"clients", 1, 0, 'n'},
 		{"scenario", 1, 0, 's'}, {"senders", 1, 0, 'S'}, {"rate", 1, 0, 'r'},
 		{"seconds", 1, 0, 't'}, {"warmup", 1, 0, 'w'}, {"delta", 0, 0, 'd'},
-		{"stall", 1, 0, 'k'}, {"server-pid", 1, 0, 'x'}, {"ramp", 1, 0, 'R'}, {0, 0, 0, 0}};
+		{"stall", 1, 0, 'k'}, {"server-pid", 1, 0, 'x'}, {"ramp", 1, 0, 'R'}, {"pad", 1, 0, 'z'},
+		{0, 0, 0, 0}};
 	int ch;
 	while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (ch) {
@@ -558,10 +587,11 @@ int main(int argc, char **argv)
 		case 'k': opt.stall = atoi(optarg); break;
 		case 'x': opt.server_pid = atoi(optarg); break;
 		case 'R': opt.ramp = atoi(optarg); break;
+		case 'z': opt.pad = atoi(optarg); break;
 		default: usage();
 		}
 	}
-	if (opt.clients < 1 || opt.senders < 1 || opt.senders + opt.stall > opt.clients)
+	if (opt.clients < 1 || opt.senders < 1 || opt.senders + opt.stall > opt.clients || opt.pad < 0)
 		usage();
 	struct rlimit rl;
 	getrlimit(RLIMIT_NOFILE, &rl);

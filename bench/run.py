@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""chatroom's benchmark: chatroom and Node's socket.io, side by side, through the same scenarios.
+
+Each scenario starts a fresh server on a free loopback port, points bench/loadgen at it
+(the load generator reads the server's CPU time and memory from /proc), stops the server,
+and does the same with the other one. At the end one table compares them.
+
+    make bench                      # everything, about ten minutes
+    python3 bench/run.py --only fanout-100x100,join-1000
+    python3 bench/run.py --quick    # shorter runs, for trying things out
+
+Both servers run without chat history and without flood limits (Node's has neither), and
+with the same heartbeat (25 s / 20 s). The JSON of every run goes to build/bench.json.
+"""
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN = os.path.join(ROOT, "build", "loadgen")
+
+
+class Scenario:
+    def __init__(self, key, title, clients, loadgen_args, seconds=10, delta=False, compare=None):
+        self.key, self.title, self.clients = key, title, clients
+        self.loadgen_args, self.seconds, self.delta = loadgen_args, seconds, delta
+        self.compare = compare  # for a stall run: the scenario it is compared with
+
+
+def fanout(clients, rate, delta, seconds=10, pad=0, stall=0, key=None, compare=None):
+    key = key or f"fanout-{clients}x{rate}"
+    what = f"{clients} clients, {rate} msg/s" + (f", {pad} B padding" if pad else "")
+    if stall:
+        what += f", {stall} of them not reading"
+    args = ["--scenario", "fanout", "--senders", "10", "--rate", str(rate), "--warmup", "2",
+            "--pad", str(pad), "--stall", str(stall)]
+    return Scenario(key, what, clients, args, seconds, delta, compare)
+
+
+SCENARIOS = [
+    fanout(100, 100, delta=False),
+    fanout(100, 1000, delta=False),
+    fanout(1000, 10, delta=True),
+    fanout(1000, 100, delta=True),
+    Scenario("join-1000", "join storm, 1000 clients with the full name_list", 1000,
+             ["--scenario", "join"]),
+    Scenario("hold-10000", "10000 delta clients held, answering pings", 10000,
+             ["--scenario", "hold", "--ramp", "500"], seconds=60, delta=True),
+    fanout(1000, 10, delta=True, pad=8000, seconds=30, key="stall-base"),
+    fanout(1000, 10, delta=True, pad=8000, seconds=30, stall=1, key="stall-1",
+           compare="stall-base"),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start listening")
+
+
+def start_chatroom(port, scenario):
+    # Room just big enough, as someone running this many clients would configure it.
+    cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port),
+           "--max-clients", str(max(scenario.clients, 100)), "--flood-limit", "0",
+           "--history", "0", "--quiet"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_node(port, scenario):
+    cmd = ["node", os.path.join(ROOT, "bench", "node-server.js"), str(port)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+SERVERS = [("chatroom", start_chatroom), ("node", start_node)]
+
+
+def run_one(name, start, scenario, quick):
+    port = free_port()
+    proc = start(port, scenario)
+    try:
+        wait_listening(port, proc)
+        time.sleep(0.3)  # let it settle: idle RSS is measured from here
+        seconds = min(scenario.seconds, 5 if scenario.key.startswith("fanout") else 20) \
+            if quick else scenario.seconds
+        cmd = [LOADGEN, "--port", str(port), "--clients", str(scenario.clients),
+               "--seconds", str(seconds), "--server-pid", str(proc.pid)] + scenario.loadgen_args
+        if scenario.delta:
+            cmd.append("--delta")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed: {out.stderr.strip()}")
+        result = json.loads(out.stdout)
+        result["server_alive"] = proc.poll() is None
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- the table ----------------------------------------------------------------------
+
+def per_msg_us(r):
+    return 1e6 * r["server_cpu_s"] / r["received"] if r["received"] else None
+
+
+def rows_for(scenario, r, results):
+    """(metric, value, lower_is_better) rows for one server's result."""
+    kind = r["scenario"]
+    rows = []
+    if kind == "fanout":
+        got = f'{r["received"]}/{r["expected"]}'
+        rows += [("delivered", got, None),
+                 ("latency p50 ms", r["p50_ms"], True),
+                 ("latency p99 ms", r["p99_ms"], True),
+                 ("latency max ms", r["max_ms"], True),
+                 ("server CPU s", r["server_cpu_s"], True),
+                 ("server CPU us/msg", per_msg_us(r), True),
+                 ("server RSS max MiB", r["server_rss_kib_max"] / 1024, True),
+                 ("loadgen CPU %", 100 * r["loadgen_cpu_s"] / r["measured_seconds"], None)]
+        if r["stalled"]:
+            base = results.get(scenario.compare, {}).get(r["_server"])
+            if base:
+                rows.append(("p99 change vs no stall ms", r["p99_ms"] - base["p99_ms"], True))
+            dropped = r["stalled_dropped_after_s"]
+            rows.append(("stalled client dropped after s", dropped if dropped >= 0 else "no", None))
+    elif kind == "join":
+        rows += [("joined", f'{r["joined"]}/{r["clients"]}', None),
+                 ("time to join all s", r["join_seconds"], True),
+                 ("server CPU s", r["server_cpu_join_s"], True),
+                 ("server RSS MiB", r["server_rss_kib_joined"] / 1024, True),
+                 ("loadgen CPU s", r["loadgen_cpu_join_s"], None)]
+    elif kind == "hold":
+        per_client = (r["server_rss_kib_end"] - r["server_rss_kib_start"]) / max(r["clients"], 1)
+        rows += [("joined", f'{r["joined"]}/{r["clients"]}', None),
+                 ("time to join all s", r["join_seconds"], True),
+                 ("alive at end", r["alive_at_end"], None),
+                 ("pings answered", r["pings_answered"], None),
+                 ("server CPU while held s", r["server_cpu_s"], True),
+                 ("server RSS at end MiB", r["server_rss_kib_end"] / 1024, True),
+                 ("RSS per client KiB", per_client, True)]
+    return rows
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def print_table(results, scenarios):
+    lines = ["| scenario | metric | chatroom | node | chatroom/node |",
+             "|---|---|---:|---:|---:|"]
+    for sc in scenarios:
+        got = results.get(sc.key, {})
+        if "chatroom" not in got and "node" not in got:
+            continue
+        c_rows = rows_for(sc, got["chatroom"], results) if "chatroom" in got else []
+        n_rows = rows_for(sc, got["node"], results) if "node" in got else []
+        n_map = {m: v for m, v, _ in n_rows}
+        title = f"{sc.key}: {sc.title}"
+        for i, (metric, cv, lower) in enumerate(c_rows or [(m, None, lb) for m, _, lb in n_rows]):
+            nv = n_map.get(metric)
+            ratio = "-"
+            if lower is not None and isinstance(cv, (int, float)) and isinstance(nv, (int, float)) \
+                    and nv > 0 and cv >= 0 and "change" not in metric:
+                ratio = f"{cv / nv:.3f}"
+            lines.append(f"| {title if i == 0 else ''} | {metric} | {fmt(cv)} | {fmt(nv)} | {ratio} |")
+    print("\n".join(lines))
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(ROOT, "bench", "node_modules", "socket.io", "package.json")) as f:
+        sio = json.load(f)["version"]
+    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} x {cpu}, Linux {platform.release()}, "
+            f"Node.js {node} with socket.io {sio}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated scenario keys: " +
+                    ", ".join(s.key for s in SCENARIOS))
+    ap.add_argument("--servers", default="chatroom,node")
+    ap.add_argument("--quick", action="store_true", help="shorter runs")
+    args = ap.parse_args()
+    chosen = SCENARIOS
+    if args.only:
+        keys = args.only.split(",")
+        unknown = set(keys) - {s.key for s in SCENARIOS}
+        if unknown:
+            ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+        chosen = [s for s in SCENARIOS if s.key in keys or
+                  any(s.key == t.compare for t in SCENARIOS if t.key in keys)]
+    servers = [(n, f) for n, f in SERVERS if n in args.servers.split(",")]
+
+    print(f"# chatroom vs Node socket.io: {machine()}", flush=True)
+    results = {}
+    for sc in chosen:
+        for name, start in servers:
+            print(f"  {sc.key:15} {name:9}", end=" ", flush=True)
+            t0 = time.monotonic()
+            try:
+                r = run_one(name, start, sc, args.quick)
+            except Exception as e:  # one failed run must not lose the others
+                print(f"FAILED: {e}", flush=True)
+                continue
+            r["_server"] = name
+            results.setdefault(sc.key, {})[name] = r
+            print(f"{time.monotonic() - t0:5.1f}s", flush=True)
+    os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
+    with open(os.path.join(ROOT, "build", "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print()
+    print_table(results, chosen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,6 +67,7 @@
 #include <getopt.h>
 #include <ifaddrs.h>
 #include <limits.h>
+#include <malloc.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -82,6 +83,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -362,12 +364,14 @@ static char *xstrndup(const char *s, size_t n)
 }
 
 /* Milliseconds on the monotonic clock: timers never jump with the wall clock. */
-static int64_t now_ms(void)
+static int64_t now_us(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
+
+static int64_t now_ms(void) { return now_us() / 1000; }
 
 /* A growable byte buffer, for building payloads and messages. */
 struct buf {
@@ -1388,11 +1392,16 @@ static void outq_push_front(struct outq *q, struct packet p)
 	q->count++;
 }
 
+/* A ring that a burst made big goes once the burst is sent: ten thousand idle clients
+ * should not each keep the room their longest backlog took. */
 static struct packet outq_pop(struct outq *q)
 {
 	struct packet p = q->ring[q->head];
 	q->head = (q->head + 1) % q->cap;
-	q->count--;
+	if (--q->count == 0 && q->cap > 64) {
+		free(q->ring);
+		*q = (struct outq){0};
+	}
 	return p;
 }
 
@@ -2956,10 +2965,65 @@ static void wire_wake(void)
  * login) cannot keep the thread from reading for long: new clients are let in, and a
  * small message to someone else waits for one round, not for gigabytes.
  */
-static void wire_flush(void)
+/*
+ * Pacing. The kernel's cost per sendmsg is most of what a fan-out costs (see README's
+ * Performance section), and a client's frames share a sendmsg only if several are waiting.
+ * So when the thread is loaded -- over the last 100 ms, writing or holding back work at
+ * least half the time -- a round that wrote many frames is followed by a pause of five
+ * times its length (1 to 20 ms). Frames pile up meanwhile and go out several to a
+ * sendmsg; the thread spends a sixth of its time writing where it would have spent all
+ * of it, at the price of some milliseconds of latency, not of a queue that grows. A room
+ * that is not that busy never waits.
+ */
+enum { WIRE_BUSY_FRAMES = 64, WIRE_PAUSE_MIN_US = 1000, WIRE_PAUSE_MAX_US = 20000,
+       WIRE_LOAD_WINDOW_US = 100000 };
+static struct {
+	int64_t last_us, last_took; /* the last round: when it began, how long it took */
+	long last_frames;           /* frames it took from the queues */
+	int64_t held_since;         /* work held back since then, or 0 */
+	int64_t window_start, busy; /* time writing or holding back, this window */
+	bool loaded;                /* busy at least half of the last window */
+} pace;
+
+static bool wire_flush_paced(int64_t now)
+{
+	if (!pace.loaded || pace.last_frames < WIRE_BUSY_FRAMES)
+		return false;
+	int64_t pause = 5 * pace.last_took;
+	pause = pause < WIRE_PAUSE_MIN_US ? WIRE_PAUSE_MIN_US
+	      : pause > WIRE_PAUSE_MAX_US ? WIRE_PAUSE_MAX_US : pause;
+	return now - pace.last_us < pause;
+}
+
+/* Counts `us` of work (writing, or holding back) toward the load of this window. */
+static void wire_load_count(int64_t now, int64_t us)
+{
+	pace.busy += us;
+	if (now - pace.window_start >= WIRE_LOAD_WINDOW_US) {
+		pace.loaded = 2 * pace.busy >= now - pace.window_start;
+		pace.window_start = now;
+		pace.busy = 0;
+	}
+}
+
+/* Returns false if the round was put off by pacing. */
+static bool wire_flush(void)
 {
 	enum { BATCH = 256, ROUND_BYTES = 64 * 1024 };
+	int64_t now = now_us();
 	room_lock_acquire();
+	if (!dirty_head || wire_flush_paced(now)) {
+		if (dirty_head && !pace.held_since)
+			pace.held_since = now;
+		room_unlock();
+		return !dirty_head;
+	}
+	if (pace.held_since) {
+		wire_load_count(now, now - pace.held_since);
+		pace.held_since = 0;
+	}
+	pace.last_us = now;
+	pace.last_frames = 0;
 	struct session *todo = dirty_head; /* this round's; kicks from now on are the next's */
 	dirty_head = NULL;
 	room_unlock();
@@ -2979,8 +3043,10 @@ static void wire_flush(void)
 					closers[nc++] = s->probe;
 			} else if (s->ws && !s->ws->blocked) {
 				struct wsconn *ws = s->ws;
-				while (ws->nout < WS_BATCH && s->q.count)
+				while (ws->nout < WS_BATCH && s->q.count) {
 					ws->out[ws->nout++] = outq_pop(&s->q);
+					pace.last_frames++;
+				}
 				wgen[nw] = ws->gen;
 				writers[nw++] = ws;
 			}
@@ -3012,6 +3078,10 @@ static void wire_flush(void)
 		}
 		room_unlock();
 	}
+	now = now_us();
+	pace.last_took = now - pace.last_us;
+	wire_load_count(now, pace.last_took);
+	return true;
 }
 
 /* A socket can take more bytes again. */
@@ -3101,10 +3171,12 @@ static void *wire_main(void *arg)
 		int wait_ws = wire_deadlines(now);
 		if (wait_ws >= 0 && (wait < 0 || wait_ws < wait))
 			wait = wait_ws;
-		wire_flush();
+		bool paced = !wire_flush();
 		wire_bury();
 		if (stopping && (wait < 0 || wait > 50))
 			wait = 50;
+		if (paced && (wait < 0 || wait > 1))
+			wait = 1;
 
 		int n = epoll_wait(wire_epfd, ev, 256, wait);
 		for (int i = 0; i < n; i++) {
@@ -3807,18 +3879,44 @@ static void history_send(struct session *s)
 	blob_unref(msg);
 }
 
-/* [[NAME, SID], ...] for everyone in the room. */
+/*
+ * [[NAME, SID], ...] for everyone in the room, serialized once and kept: a join appends
+ * its entry, a leave has it rebuilt when next needed. Every login sends the whole list to
+ * someone (at least the newcomer), so without this a room of N costs O(N) JSON escaping
+ * per join; with it, a copy.
+ */
+static struct {
+	struct buf json; /* without the closing ']' */
+	bool valid;
+} name_list;
+
+static void name_list_put_entry(struct session *m)
+{
+	buf_adds(&name_list.json, name_list.json.len > 1 ? ",[" : "[");
+	json_put_string(&name_list.json, m->nick);
+	buf_addc(&name_list.json, ',');
+	json_put_string(&name_list.json, m->nsp[0].sid);
+	buf_addc(&name_list.json, ']');
+}
+
+static void name_list_joined(struct session *m)
+{
+	if (name_list.valid)
+		name_list_put_entry(m);
+}
+
+static void name_list_left(void) { name_list.valid = false; }
+
 static void put_name_list(struct buf *b)
 {
-	buf_addc(b, '[');
-	for (int i = 0; i < room.count; i++) {
-		struct session *m = member(i);
-		buf_adds(b, i ? ",[" : "[");
-		json_put_string(b, m->nick);
-		buf_addc(b, ',');
-		json_put_string(b, m->nsp[0].sid);
-		buf_addc(b, ']');
+	if (!name_list.valid) {
+		name_list.json.len = 0;
+		buf_addc(&name_list.json, '[');
+		for (int i = 0; i < room.count; i++)
+			name_list_put_entry(member(i));
+		name_list.valid = true;
 	}
+	buf_add(b, name_list.json.p, name_list.json.len);
 	buf_addc(b, ']');
 }
 
@@ -3903,6 +4001,7 @@ static void chat_join(struct session *s, int slot, const json_t *auth)
 	s->flood_tokens = 2.0 * opt.flood_limit;
 	s->flood_at = now_ms();
 	room.members[room.count++] = s->index;
+	name_list_joined(s);
 	if (!opt.quiet)
 		log_line("join  %s (sid %s)", s->nick, s->nsp[slot].sid);
 	room_announce("login", s, slot);
@@ -3918,6 +4017,7 @@ static void chat_leave(struct session *s, int slot, const char *reason)
 		return;
 	memmove(&room.members[i], &room.members[i + 1], (size_t)(room.count - i - 1) * sizeof(int));
 	room.count--;
+	name_list_left();
 	name_release(s->nick);
 	if (!opt.quiet)
 		log_line("leave %s (sid %s): %s", s->nick, s->nsp[slot].sid, reason ? reason : "");
@@ -4226,8 +4326,40 @@ static int on_connection_open(const struct mg_connection *c, void **data)
 	return 0;
 }
 
+/*
+ * A worker's stack, given back below the current frame once its connection is over.
+ * There are as many workers as places in the room; a WebSocket handshake or a long-poll
+ * runs some 20 KiB deep, and those pages would otherwise stay resident in every worker
+ * that ever served one, idle or not: 200 MB for a room of 10000. What a worker touches
+ * next time comes back as fresh zero pages. The 4 KiB left below us are for the calls
+ * made from here on.
+ */
+static void worker_stack_give_back(void)
+{
+	static _Thread_local uintptr_t low; /* the lowest usable address of this stack */
+	if (!low) {
+		pthread_attr_t attr;
+		void *addr;
+		size_t size;
+		if (pthread_getattr_np(pthread_self(), &attr) != 0)
+			return;
+		int r = pthread_attr_getstack(&attr, &addr, &size);
+		pthread_attr_destroy(&attr);
+		if (r != 0)
+			return;
+		low = (uintptr_t)addr;
+	}
+	uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+	char here;
+	uintptr_t top = ((uintptr_t)&here - 4096) & ~(page - 1);
+	uintptr_t bottom = (low + page - 1) & ~(page - 1);
+	if (top > bottom)
+		madvise((void *)bottom, top - bottom, MADV_DONTNEED);
+}
+
 static void on_connection_close(const struct mg_connection *c)
 {
+	worker_stack_give_back();
 	const char *addr = connection_address(c);
 	if (!addr || !mg_get_user_connection_data(c))
 		return;
@@ -4372,9 +4504,24 @@ static void raise_fd_limit(int needed)
 		        opt.max_clients, needed);
 }
 
+/*
+ * malloc, tuned for a server whose big allocations are short-lived messages: a newcomer's
+ * own login holds the whole name_list (350 KB in a room of 10000). glibc would keep such
+ * blocks in its arenas once freed, raising its threshold for mmap as it goes, so a join
+ * storm would leave hundreds of megabytes resident. A fixed threshold sends big blocks
+ * back to the system when they are freed; a few arenas are plenty for threads that mostly
+ * sleep.
+ */
+static void malloc_tune(void)
+{
+	mallopt(M_MMAP_THRESHOLD, 64 * 1024);
+	mallopt(M_ARENA_MAX, 4);
+}
+
 /* Starts the wire thread and civetweb. Exits 1 with one clear line if it cannot. */
 static void server_start(void)
 {
+	malloc_tune();
 	raise_fd_limit(opt.max_clients + opt.max_clients / 8 + 64);
 	uint64_t seed;
 	random_bytes(&seed, sizeof seed);
@@ -4465,13 +4612,34 @@ static int signals_block(void)
 	return signalfd(-1, &set, SFD_CLOEXEC);
 }
 
+/*
+ * Memory freed after a burst (a join storm's queues, its name_lists) sits in malloc's
+ * arenas, in pieces too scattered for free() to hand back. This thread has nothing else to
+ * do: every ten seconds, if more than 16 MiB lie free, it gives them back.
+ */
+static void memory_give_back(void)
+{
+	struct mallinfo2 mi = mallinfo2();
+	if (mi.fordblks > (16u << 20))
+		malloc_trim(0);
+}
+
 /* Prints the log until SIGINT or SIGTERM arrives. */
 static void wait_for_signal(int sigfd)
 {
+	int64_t next_give_back = now_ms() + 10000;
 	for (;;) {
 		struct pollfd fds[2] = {{sigfd, POLLIN, 0}, {logq.wake_fd, POLLIN, 0}};
-		if (poll(fds, 2, -1) < 0 && errno != EINTR)
+		int64_t wait = next_give_back - now_ms();
+		int ready = poll(fds, 2, wait > 0 ? (int)wait : 0);
+		if (ready < 0 && errno != EINTR)
 			break;
+		if (now_ms() >= next_give_back) {
+			memory_give_back();
+			next_give_back = now_ms() + 10000;
+		}
+		if (ready <= 0)
+			continue;
 		if (fds[1].revents) {
 			uint64_t count;
 			ssize_t r = read(logq.wake_fd, &count, sizeof count);

@@ -88,6 +88,7 @@ static uint32_t *lat;
 static size_t nlat, caplat;
 static int64_t measure_from, measure_to;
 static long sent_measured, received_measured, received_total;
+static long received_in_window; /* any message that arrived during the measurement */
 static long pings_total;
 static int64_t stalled_dropped_at; /* when the others heard the stalled client leave */
 static long server_rss_max;
@@ -307,10 +308,13 @@ static void on_text(struct client *c, const char *p, size_t n)
 	/* our messages carry "t" near the start; presence messages can be long: do not scan them */
 	const char *t = memmem(p, n < 96 ? n : 96, "\"t\":", 4);
 	if (t) {
+		int64_t now = now_ns();
+		if (now >= measure_from && now < measure_to)
+			received_in_window++;
 		int64_t sent = strtoll(t + 4, NULL, 10);
 		if (sent >= measure_from && sent < measure_to) {
 			received_measured++;
-			int64_t us = (now_ns() - sent) / 1000;
+			int64_t us = (now - sent) / 1000;
 			record(us < 0 ? 0 : us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
 		}
 	} else if (opt.stall && !stalled_dropped_at && memmem(p, n, "\"logout\"", 8)) {
@@ -649,7 +653,8 @@ int main(int argc, char **argv)
 	long alive = opt.clients - dead_count;
 	printf("{\"scenario\":\"%s\",\"clients\":%d,\"delta\":%s,\"senders\":%d,\"rate\":%g,"
 	       "\"stalled\":%d,\"joined\":%d,\"failed\":%d,\"join_seconds\":%.3f,"
-	       "\"sent\":%ld,\"expected\":%ld,\"received\":%ld,\"dropped_during_run\":%ld,"
+	       "\"sent\":%ld,\"expected\":%ld,\"received\":%ld,\"received_in_window\":%ld,"
+	       "\"dropped_during_run\":%ld,"
 	       "\"alive_at_end\":%ld,\"pings_answered\":%ld,"
 	       "\"p50_ms\":%.3f,\"p90_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,"
 	       "\"server_cpu_s\":%.2f,\"server_cpu_join_s\":%.2f,\"server_rss_kib_start\":%ld,"
@@ -658,7 +663,7 @@ int main(int argc, char **argv)
 	       "\"stalled_dropped_after_s\":%.3f}\n",
 	       opt.scenario, opt.clients, opt.delta ? "true" : "false", opt.senders, opt.rate,
 	       opt.stall, joined_count, opt.clients - joined_count, storm_seconds, sent_measured,
-	       expected, received_measured, dead_count - dead_before, alive, pings_total, pct(0.5),
+	       expected, received_measured, received_in_window, dead_count - dead_before, alive, pings_total, pct(0.5),
 	       pct(0.9), pct(0.99), nlat ? lat[nlat - 1] / 1000.0 : -1, cpu_measured,
 	       server_cpu_joined - server_cpu0, server_rss0, server_rss_joined,
 	       opt.server_pid ? proc_rss_kib(opt.server_pid) : 0, server_rss_max, self_measured,

@@ -27,34 +27,48 @@ LOADGEN = os.path.join(ROOT, "build", "loadgen")
 
 
 class Scenario:
-    def __init__(self, key, title, clients, loadgen_args, seconds=10, delta=False, compare=None):
+    def __init__(self, key, title, clients, loadgen_args, seconds=10, delta=False, compare=None,
+                 chatroom_args=(), servers=("chatroom", "node")):
         self.key, self.title, self.clients = key, title, clients
         self.loadgen_args, self.seconds, self.delta = loadgen_args, seconds, delta
         self.compare = compare  # for a stall run: the scenario it is compared with
+        self.chatroom_args = list(chatroom_args)
+        self.servers = servers
 
 
-def fanout(clients, rate, delta, seconds=10, pad=0, stall=0, key=None, compare=None):
+def fanout(clients, rate, delta, seconds=10, pad=0, stall=0, key=None, title=None, **kw):
     key = key or f"fanout-{clients}x{rate}"
     what = f"{clients} clients, {rate} msg/s" + (f", {pad} B padding" if pad else "")
     if stall:
         what += f", {stall} of them not reading"
     args = ["--scenario", "fanout", "--senders", "10", "--rate", str(rate), "--warmup", "2",
             "--pad", str(pad), "--stall", str(stall)]
-    return Scenario(key, what, clients, args, seconds, delta, compare)
+    return Scenario(key, title or what, clients, args, seconds, delta, **kw)
 
+
+# The stall pair: a 2 MB queue bound (the default for a room of 100) and 32 kB messages,
+# so that the client that stops reading reaches its bound (and fills the kernel's socket
+# buffers, a few MB more) within the run.
+STALL = dict(clients=1000, rate=10, delta=True, pad=32000, seconds=30,
+             chatroom_args=["--queue-limit", "2000000"])
 
 SCENARIOS = [
     fanout(100, 100, delta=False),
-    fanout(100, 1000, delta=False),
     fanout(1000, 10, delta=True),
+    fanout(100, 1000, delta=False),
     fanout(1000, 100, delta=True),
+    # saturated: more than Node's one thread can deliver (500000 deliveries a second)
+    fanout(100, 5000, delta=False, key="saturate-100", title="100 clients, 5000 msg/s (saturated)"),
+    fanout(1000, 500, delta=True, key="saturate-1000", title="1000 clients, 500 msg/s (saturated)"),
     Scenario("join-1000", "join storm, 1000 clients with the full name_list", 1000,
              ["--scenario", "join"]),
-    Scenario("hold-10000", "10000 delta clients held, answering pings", 10000,
+    Scenario("hold-10000", "10000 delta clients held 60 s, answering pings", 10000,
              ["--scenario", "hold", "--ramp", "500"], seconds=60, delta=True),
-    fanout(1000, 10, delta=True, pad=8000, seconds=30, key="stall-base"),
-    fanout(1000, 10, delta=True, pad=8000, seconds=30, stall=1, key="stall-1",
-           compare="stall-base"),
+    Scenario("hold-10000-ws", "the same, chatroom with --threads 1024 (a WebSocket room)", 10000,
+             ["--scenario", "hold", "--ramp", "500"], seconds=60, delta=True,
+             chatroom_args=["--threads", "1024"], servers=("chatroom",)),
+    fanout(key="stall-base", **STALL),
+    fanout(key="stall-1", stall=1, compare="stall-base", **STALL),
 ]
 
 
@@ -81,7 +95,7 @@ def start_chatroom(port, scenario):
     # Room just big enough, as someone running this many clients would configure it.
     cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port),
            "--max-clients", str(max(scenario.clients, 100)), "--flood-limit", "0",
-           "--history", "0", "--quiet"]
+           "--history", "0", "--quiet"] + scenario.chatroom_args
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -123,7 +137,9 @@ def run_one(name, start, scenario, quick):
 # ---- the table ----------------------------------------------------------------------
 
 def per_msg_us(r):
-    return 1e6 * r["server_cpu_s"] / r["received"] if r["received"] else None
+    """Server CPU per message delivered, both counted over the measured seconds."""
+    n = r["received_in_window"]
+    return 1e6 * r["server_cpu_s"] / n if n else None
 
 
 def rows_for(scenario, r, results):
@@ -133,6 +149,7 @@ def rows_for(scenario, r, results):
     if kind == "fanout":
         got = f'{r["received"]}/{r["expected"]}'
         rows += [("delivered", got, None),
+                 ("delivered per second", r["received_in_window"] / r["measured_seconds"], None),
                  ("latency p50 ms", r["p50_ms"], True),
                  ("latency p99 ms", r["p99_ms"], True),
                  ("latency max ms", r["max_ms"], True),
@@ -159,8 +176,10 @@ def rows_for(scenario, r, results):
                  ("alive at end", r["alive_at_end"], None),
                  ("pings answered", r["pings_answered"], None),
                  ("server CPU while held s", r["server_cpu_s"], True),
+                 ("server RSS idle MiB", r["server_rss_kib_start"] / 1024, True),
                  ("server RSS at end MiB", r["server_rss_kib_end"] / 1024, True),
-                 ("RSS per client KiB", per_client, True)]
+                 ("RSS at end / clients KiB", r["server_rss_kib_end"] / r["clients"], True),
+                 ("RSS added per client KiB", per_client, True)]
     return rows
 
 
@@ -230,6 +249,8 @@ def main():
     results = {}
     for sc in chosen:
         for name, start in servers:
+            if name not in sc.servers:
+                continue
             print(f"  {sc.key:15} {name:9}", end=" ", flush=True)
             t0 = time.monotonic()
             try:

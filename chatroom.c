@@ -2968,21 +2968,24 @@ static void wire_wake(void)
 /*
  * Pacing. The kernel's cost per sendmsg is most of what a fan-out costs (see README's
  * Performance section), and a client's frames share a sendmsg only if several are waiting.
- * So when the thread is loaded -- over the last 100 ms, writing or holding back work at
- * least half the time -- a round that wrote many frames is followed by a pause of five
- * times its length (1 to 20 ms). Frames pile up meanwhile and go out several to a
- * sendmsg; the thread spends a sixth of its time writing where it would have spent all
- * of it, at the price of some milliseconds of latency, not of a queue that grows. A room
- * that is not that busy never waits.
+ * So when the room is loaded -- when writing its frames one round at a time would keep
+ * this thread busy more than 60% of the time -- a round that wrote many frames is
+ * followed by a pause of five times its length (1 to 20 ms). Frames pile up meanwhile
+ * and go out several to a sendmsg: a saturated room costs a sixth of the CPU, at the
+ * price of some milliseconds of latency, not of a queue that grows. The load is judged
+ * from frames a second (which pacing does not change) times what a frame costs when
+ * written alone (learned from rounds that were not paced), so pacing does not keep itself
+ * on. A room that is not that busy never waits.
  */
 enum { WIRE_BUSY_FRAMES = 64, WIRE_PAUSE_MIN_US = 1000, WIRE_PAUSE_MAX_US = 20000,
        WIRE_LOAD_WINDOW_US = 100000 };
 static struct {
 	int64_t last_us, last_took; /* the last round: when it began, how long it took */
 	long last_frames;           /* frames it took from the queues */
-	int64_t held_since;         /* work held back since then, or 0 */
-	int64_t window_start, busy; /* time writing or holding back, this window */
-	bool loaded;                /* busy at least half of the last window */
+	double frame_cost_us;       /* a frame's cost in rounds that were not paced */
+	int64_t window_start;       /* this window of WIRE_LOAD_WINDOW_US: */
+	long window_frames;         /* frames written in it */
+	bool loaded;                /* the last window was loaded */
 } pace;
 
 static bool wire_flush_paced(int64_t now)
@@ -2995,14 +2998,20 @@ static bool wire_flush_paced(int64_t now)
 	return now - pace.last_us < pause;
 }
 
-/* Counts `us` of work (writing, or holding back) toward the load of this window. */
-static void wire_load_count(int64_t now, int64_t us)
+/* After each round: learns what a frame costs, and whether the room is loaded. */
+static void wire_load_count(int64_t now)
 {
-	pace.busy += us;
-	if (now - pace.window_start >= WIRE_LOAD_WINDOW_US) {
-		pace.loaded = 2 * pace.busy >= now - pace.window_start;
+	if (!pace.loaded && pace.last_frames >= WIRE_BUSY_FRAMES) {
+		double cost = (double)pace.last_took / (double)pace.last_frames;
+		pace.frame_cost_us = pace.frame_cost_us > 0 ? 0.9 * pace.frame_cost_us + 0.1 * cost
+		                                             : cost;
+	}
+	pace.window_frames += pace.last_frames;
+	int64_t span = now - pace.window_start;
+	if (span >= WIRE_LOAD_WINDOW_US) {
+		pace.loaded = (double)pace.window_frames * pace.frame_cost_us >= 0.6 * (double)span;
 		pace.window_start = now;
-		pace.busy = 0;
+		pace.window_frames = 0;
 	}
 }
 
@@ -3013,14 +3022,8 @@ static bool wire_flush(void)
 	int64_t now = now_us();
 	room_lock_acquire();
 	if (!dirty_head || wire_flush_paced(now)) {
-		if (dirty_head && !pace.held_since)
-			pace.held_since = now;
 		room_unlock();
 		return !dirty_head;
-	}
-	if (pace.held_since) {
-		wire_load_count(now, now - pace.held_since);
-		pace.held_since = 0;
 	}
 	pace.last_us = now;
 	pace.last_frames = 0;
@@ -3080,7 +3083,7 @@ static bool wire_flush(void)
 	}
 	now = now_us();
 	pace.last_took = now - pace.last_us;
-	wire_load_count(now, pace.last_took);
+	wire_load_count(now);
 	return true;
 }
 

@@ -91,6 +91,22 @@ def wait_listening(port, proc, timeout=30):
     raise RuntimeError("server did not start listening")
 
 
+def settle(pid, timeout=30):
+    """Waits until the server has started all its threads and its memory stops growing:
+    civetweb starts its workers (one per place in the room) after it starts listening."""
+    def sample():
+        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+        return int(fields["Threads"]), int(fields["VmRSS"].split()[0])
+    last = sample()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = sample()
+        if now[0] == last[0] and abs(now[1] - last[1]) <= last[1] // 100:
+            return
+        last = now
+
+
 def start_chatroom(port, scenario):
     # Room just big enough, as someone running this many clients would configure it.
     cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port),
@@ -112,7 +128,7 @@ def run_one(name, start, scenario, quick):
     proc = start(port, scenario)
     try:
         wait_listening(port, proc)
-        time.sleep(0.3)  # let it settle: idle RSS is measured from here
+        settle(proc.pid)  # idle RSS is measured from here
         seconds = min(scenario.seconds, 5 if scenario.key.startswith("fanout") else 20) \
             if quick else scenario.seconds
         cmd = [LOADGEN, "--port", str(port), "--clients", str(scenario.clients),

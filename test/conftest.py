@@ -40,6 +40,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def all_at_once(fn, calls, timeout=None):
+    """Runs fn(*args) for every args in calls, each on its own thread, all at once, and
+    waits for them all (at most `timeout` seconds each)."""
+    threads = [threading.Thread(target=fn, args=args) for args in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def wait_until(predicate, timeout=5.0, interval=0.01):
     """Polls predicate until it returns something true; returns that, or None on timeout."""
     deadline = time.monotonic() + timeout

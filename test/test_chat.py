@@ -1,13 +1,10 @@
 """The chat contract (../shared/chat-contract.md, summed up in README.md), with real
 python-socketio clients on every transport."""
 import threading
-import time
-from pathlib import Path
 
-import pytest
 import socketio
 
-from conftest import ROOT, Chatter, wait_until
+from conftest import ROOT, Chatter, all_at_once, wait_until
 
 TRANSPORTS = [None, ["websocket"], ["polling"]]  # None: polling, then the upgrade
 LIST_NAMES = {line.strip() for line in (ROOT / "name.txt").read_text("utf-8").splitlines()
@@ -156,11 +153,7 @@ def test_everyone_sees_one_order(server, chatters):
         for k in range(20):
             c.say(f"{i}:{k}")
 
-    threads = [threading.Thread(target=talk, args=(c, i)) for i, c in enumerate(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(talk, [(c, i) for i, c in enumerate(clients)])
     seqs = []
     for c, s0 in zip(clients, start):
         c.wait_count(s0 + 100, timeout=10)
@@ -182,11 +175,7 @@ def test_fifty_clients_connecting_at_once(server):
 
     for i, c in enumerate(clients):
         c._t = TRANSPORTS[i % 3]
-    threads = [threading.Thread(target=go, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    all_at_once(go, [(c,) for c in clients], timeout=20)
     try:
         assert not errors
         # the last login anyone sees lists all fifty, in join order

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from conftest import Polling, wait_until
-from rawws import RawWS, Closed
+from rawws import RawWS
 
 LOGIN = '42["msg",{"username":'
 HISTORY = '42["history",'

@@ -1,13 +1,10 @@
 """HTTP around the protocols: CORS (none by default, as Node), --path, other paths, and
 the fair share of worker threads per client address."""
 import socket
-import time
 
-import pytest
 import requests
-import socketio
 
-from conftest import Polling, wait_until
+from conftest import wait_until
 from rawws import RawWS
 
 HANDSHAKE = {"EIO": 4, "transport": "polling"}

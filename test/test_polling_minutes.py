@@ -11,9 +11,8 @@ import statistics
 import subprocess
 import threading
 import time
-from pathlib import Path
 
-from conftest import ROOT, Chatter
+from conftest import ROOT
 
 SECONDS = float(os.environ.get("CHATROOM_POLL_SECONDS", "120"))
 

@@ -5,15 +5,13 @@ drop-in build for a student's repository, one cc line against Debian's packages.
 import os
 import platform
 import shutil
-import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import ROOT, Chatter, Server, wait_until
+from conftest import ROOT, Chatter, Server
 from test_robustness import deep_json_drops_the_sender_only
 
 BUILD = ROOT / "build"

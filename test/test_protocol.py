@@ -10,8 +10,8 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, Server, wait_until
-from rawws import RawWS, Closed
+from conftest import ROOT, Server
+from rawws import RawWS
 
 PROTOCOL_SERVER = os.environ.get("PROTOCOL_SERVER") or str(ROOT / "build" / "protocol-server")
 PING_INTERVAL, PING_TIMEOUT = 300, 200

@@ -3,20 +3,17 @@ every layer; a full room. The server must answer each with the protocol's error 
 clean disconnect, and everyone else must keep chatting."""
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import textwrap
-import threading
 import time
 
 import pytest
 import requests
 import socketio
 
-from conftest import Chatter, Polling, wait_until
-from rawws import RawWS, Closed
+from conftest import Polling, wait_until
+from rawws import RawWS
 from test_socketio import joined, LOGIN
 
 FAST = ("--ping-interval", "400", "--ping-timeout", "300")

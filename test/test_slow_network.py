@@ -1,12 +1,11 @@
 """Real clients on a slow network: 40 ms each way, 200 kB/s, every stream cut into
 13-byte pieces. Frames and requests arrive in fragments, heartbeats cross the latency,
 and the upgrade from polling to WebSocket happens over it."""
-import threading
 import time
 
 import pytest
 
-from conftest import Chatter
+from conftest import all_at_once
 from slowlink import SlowLink
 
 TRANSPORTS = [None, ["websocket"], ["polling"]]
@@ -40,11 +39,7 @@ def test_chat_over_a_slow_network(link, chatters):
             if i == 0 and k == 5:
                 c.sio.emit("msg", {"msg": "binary", "blob": bytes(range(256)) * 8})
 
-    threads = [threading.Thread(target=talk, args=(c, i)) for i, c in enumerate(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(talk, [(c, i) for i, c in enumerate(clients)])
     seqs = []
     for c, s0 in zip(clients, start):
         c.wait_count(s0 + 61, timeout=30)

@@ -12,10 +12,8 @@ import time
 
 import pytest
 import requests
-import socketio
 
 from conftest import BINARY, Chatter, Polling, Server, free_port, have_ipv6_loopback, wait_until
-from rawws import RawWS
 from test_socketio import joined
 
 FLAGS = ["--port", "--host", "--names", "--ping-interval", "--ping-timeout", "--max-payload",

@@ -130,9 +130,9 @@ static struct options {
 	const char *names_file; /* NULL: the list compiled into the binary */
 	int ping_interval;      /* ms */
 	int ping_timeout;       /* ms */
-	long max_payload;       /* bytes: a POST body, a WebSocket message */
+	size_t max_payload;     /* bytes: a POST body, a WebSocket message */
 	int max_clients;        /* room size */
-	long queue_limit;       /* bytes: outbound queue of one client; over it, it is dropped */
+	size_t queue_limit;     /* bytes: outbound queue of one client; over it, it is dropped */
 	int threads;            /* civetweb workers; 0: enough for every client to long-poll */
 	bool quiet;             /* no join/leave log */
 	int flood_limit;        /* messages a second a client may send; 0: no limit */
@@ -235,13 +235,14 @@ static const char *normalize_path(const char *arg)
  * mostly broadcasts, whose bytes all members' queues share: the limit bounds lag more than
  * memory.
  */
-static long default_queue_limit(void)
+static size_t default_queue_limit(void)
 {
-	long storm = 32L * opt.max_clients * opt.max_clients;
-	long limit = 2 * opt.max_payload;
+	/* In 64 bits: 32 x 10000^2 does not fit in a 32-bit long (armhf). */
+	uint64_t storm = 32 * (uint64_t)opt.max_clients * (uint64_t)opt.max_clients;
+	uint64_t limit = 2 * (uint64_t)opt.max_payload;
 	if (storm > limit)
-		limit = storm < (64L << 20) ? storm : (64L << 20);
-	return limit < (1L << 20) ? 1L << 20 : limit;
+		limit = storm < (64u << 20) ? storm : (64u << 20);
+	return limit < (1u << 20) ? 1u << 20 : (size_t)limit;
 }
 
 static void parse_options(int argc, char **argv)
@@ -282,13 +283,13 @@ static void parse_options(int argc, char **argv)
 			opt.ping_timeout = (int)parse_number("--ping-timeout", optarg, 10, 3600000);
 			break;
 		case OPT_MAX_PAYLOAD:
-			opt.max_payload = parse_number("--max-payload", optarg, 64, 100000000);
+			opt.max_payload = (size_t)parse_number("--max-payload", optarg, 64, 100000000);
 			break;
 		case OPT_MAX_CLIENTS:
 			opt.max_clients = (int)parse_number("--max-clients", optarg, 1, MAX_CLIENTS);
 			break;
 		case OPT_QUEUE_LIMIT:
-			opt.queue_limit = parse_number("--queue-limit", optarg, 1024, 1L << 30);
+			opt.queue_limit = (size_t)parse_number("--queue-limit", optarg, 1024, 1L << 30);
 			break;
 		case OPT_THREADS:
 			opt.threads = (int)parse_number("--threads", optarg, 4, 65536);
@@ -328,7 +329,7 @@ static void parse_options(int argc, char **argv)
 		opt.queue_limit = default_queue_limit();
 	if (opt.queue_limit < opt.max_payload + 4 * QUEUE_ENTRY_COST) {
 		fprintf(stderr, "chatroom: --queue-limit must hold at least one message of "
-		                "--max-payload bytes (%ld)\n", opt.max_payload);
+		                "--max-payload bytes (%zu)\n", opt.max_payload);
 		exit(2);
 	}
 }
@@ -1413,7 +1414,7 @@ static void outq_clear(struct outq *q)
 	*q = (struct outq){0};
 }
 
-static long packet_cost(struct packet p) { return (long)p.blob->len + QUEUE_ENTRY_COST; }
+static size_t packet_cost(struct packet p) { return p.blob->len + QUEUE_ENTRY_COST; }
 
 /* =================================== sessions =================================== */
 /*
@@ -1448,7 +1449,7 @@ struct eio_app {
 struct endpoint {
 	const char *path; /* "/socket.io/" */
 	int ping_interval, ping_timeout;
-	long max_payload;
+	size_t max_payload;
 	const struct eio_app *app;
 };
 
@@ -1476,7 +1477,7 @@ struct session {
 	int64_t opened_at;
 
 	struct outq q; /* packets for the client, in order */
-	long qbytes;   /* their cost, including packets the wire thread is writing */
+	size_t qbytes; /* their cost, including packets the wire thread is writing */
 
 	/* long-polling: at most one GET and one POST at a time */
 	bool get_active, post_active;
@@ -1944,14 +1945,15 @@ static bool payload_decode(struct session *s, const char *body, size_t len, bool
 		return false;
 	const char *p = body, *end = body + len;
 	if (s->eio == 4) {
-		while (p <= end) {
+		for (;;) {
 			const char *sep = memchr(p, '\x1e', (size_t)(end - p));
 			const char *pkt_end = sep ? sep : end;
 			if (!text_packet(s, p, (size_t)(pkt_end - p), false, fn, &ok) || !ok)
 				return ok;
-			p = pkt_end + 1;
+			if (!sep)
+				return true;
+			p = sep + 1; /* never past `end`: the separator lies before it */
 		}
-		return true;
 	}
 	while (p < end) {
 		size_t units = 0;
@@ -2290,15 +2292,15 @@ static int poll_get(struct mg_connection *c, struct session *s, const char *head
 }
 
 /* Reads a request body of at most `limit` bytes. Returns false if it is larger. */
-static bool read_body(struct mg_connection *c, struct buf *body, long limit)
+static bool read_body(struct mg_connection *c, struct buf *body, size_t limit)
 {
 	long long declared = mg_get_request_info(c)->content_length;
-	if (declared > limit)
+	if (declared > 0 && (unsigned long long)declared > limit)
 		return false;
 	char chunk[16384];
 	int n;
 	while ((n = mg_read(c, chunk, sizeof chunk)) > 0) {
-		if ((long)(body->len + (size_t)n) > limit)
+		if ((size_t)n > limit - body->len)
 			return false;
 		buf_add(body, chunk, (size_t)n);
 	}
@@ -2308,12 +2310,12 @@ static bool read_body(struct mg_connection *c, struct buf *body, long limit)
 /* Reads and drops what is left of a refused request body, up to `cap` bytes. Closing
  * a socket with unread input makes the kernel answer with a reset, which can reach the
  * client before it reads our refusal; draining lets the answer arrive whole. */
-static void drain_body(struct mg_connection *c, long cap)
+static void drain_body(struct mg_connection *c, size_t cap)
 {
 	char chunk[16384];
 	int n;
 	while (cap > 0 && (n = mg_read(c, chunk, sizeof chunk)) > 0)
-		cap -= n;
+		cap -= (size_t)n < cap ? (size_t)n : cap;
 }
 
 /* Takes a long-poll POST. Entered with room_lock held; returns with it released. */
@@ -2327,7 +2329,7 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
 	}
 	s->post_active = true;
 	s->users++;
-	long limit = s->ep->max_payload;
+	size_t limit = s->ep->max_payload;
 	room_unlock();
 
 	struct buf body = {0};
@@ -2394,7 +2396,7 @@ struct wsconn {
 	struct session *s; /* the session it carries or probes; guarded by room_lock */
 
 	int eio;           /* protocol revision of its session */
-	long max_payload;
+	size_t max_payload;
 	int64_t deadline;  /* probing: upgrade by then; closing: give up on the peer then */
 	bool timed;        /* on the wire's list of sockets with deadlines */
 	struct wsconn *next_timed;
@@ -2410,7 +2412,7 @@ struct wsconn {
 	struct packet out[WS_BATCH]; /* taken from the session queue, in order */
 	int nout;
 	size_t out_off; /* bytes of out[0]'s frame already written */
-	long out_done;  /* cost of packets written since the session was last told */
+	size_t out_done; /* cost of packets written since the session was last told */
 	unsigned char ctl[WS_CTL_MAX];
 	size_t ctl_len, ctl_off;
 	bool blocked;   /* the kernel buffer is full; EPOLLOUT is armed */
@@ -2872,8 +2874,10 @@ static size_t ws_parse(struct wsconn *ws, unsigned char *p, size_t n)
 		else if (len7 == 127)
 			for (int i = 0; i < 8; i++)
 				len = (i ? len << 8 : 0) | f[2 + i];
-		uint64_t total = len + (op == 0 ? ws->msg.len : 0);
-		if (!control && total > (uint64_t)ws->max_payload) {
+		/* The frame plus what its message already holds, compared without adding: a
+		 * declared length near 2^64 must not wrap the sum below the limit. */
+		uint64_t room = (uint64_t)ws->max_payload - (op == 0 ? ws->msg.len : 0);
+		if (!control && len > room) {
 			ws_close(ws, 1009, "transport error"); /* before buffering any of it */
 			break;
 		}
@@ -3710,10 +3714,11 @@ static void sio_attachment(struct session *s, const char *data, size_t len)
 		room_unlock();
 		return;
 	}
-	long total = (long)len;
+	/* the ones kept are under queue_limit / 2, these two under max_payload each: no overflow */
+	size_t total = len + pd->header->len;
 	for (int i = 0; i < pd->received; i++)
-		total += (long)pd->att[i]->len;
-	if (total + (long)pd->header->len > opt.queue_limit / 2) {
+		total += pd->att[i]->len;
+	if (total > opt.queue_limit / 2) {
 		session_close(s, "parse error"); /* could never be delivered to anyone */
 		room_unlock();
 		return;
@@ -3848,7 +3853,7 @@ static void history_drop_oldest(void)
 
 static void history_add(const char *json, size_t len)
 {
-	size_t limit = (size_t)opt.queue_limit / 4;
+	size_t limit = opt.queue_limit / 4;
 	if (opt.history == 0 || len > limit)
 		return;
 	if (!history.items) {
@@ -4064,9 +4069,11 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 	}
 	struct buf b = {0};
 	sio_head(&b, p->type, "/", p->attachments, -1);
+	bool has_data = p->shape.count >= 2; /* ["msg"] alone has none */
 	struct json_span data = p->shape.item[1];
-	size_t data_at = b.len + (size_t)(data.p - p->json.p), data_len = data.n;
-	if (p->shape.count >= 2 && data.p[0] == '{') {
+	size_t data_at = has_data ? b.len + (size_t)(data.p - p->json.p) : 0;
+	size_t data_len = data.n;
+	if (has_data && data.p[0] == '{') {
 		buf_add(&b, p->json.p, (size_t)(data.p - p->json.p)); /* ["msg", */
 		json_stamp_username(&b, data, s->nick);
 		data_len = b.len - data_at;
@@ -4077,7 +4084,7 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 	}
 	struct blob *msg = blob_from_buf(&b);
 	room_broadcast(msg, att, p->attachments);
-	if (p->shape.count >= 2 && p->attachments == 0)
+	if (has_data && p->attachments == 0)
 		history_add(msg->data + data_at, data_len);
 	blob_unref(msg);
 	if (p->ack >= 0)

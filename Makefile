@@ -29,7 +29,7 @@ WARNINGS      := -std=c11 -Wall -Wextra -Werror
 EMBED         := -DCHATROOM_CIVETWEB_C='"$(CIVETWEB_C)"' -I$(CIVETWEB_SRC)/include \
                  $(CIVETWEB_DEFS) -Wa,-I$(CURDIR)
 JANSSON_STATIC := -Wl,-Bstatic -ljansson -Wl,-Bdynamic
-SANITIZE      := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+SANITIZE      := -fsanitize=address,undefined,pointer-compare,pointer-subtract -fno-sanitize-recover=undefined \
                  -fno-omit-frame-pointer
 
 SOURCES := chatroom.c name.txt web/index.html Makefile

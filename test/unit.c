@@ -7,6 +7,11 @@
 #define CHATROOM_NO_MAIN
 #include "../chatroom.c"
 
+/* The sanitizer build also checks that compared or subtracted pointers point into one
+ * object (-fsanitize=pointer-compare,pointer-subtract), which needs this option. */
+const char *__asan_default_options(void);
+const char *__asan_default_options(void) { return "detect_invalid_pointer_pairs=2"; }
+
 static int failures, checks;
 
 #define CHECK(cond)                                                                    \
@@ -211,6 +216,13 @@ static void test_payloads(void)
 	const char badbin[] = {0, 12, 0xFF - 256, '4'};
 	decode(3, badbin, sizeof badbin, true, &ok);
 	CHECK(!ok);
+	/* A body in a block of its own size: the decoder must not form a pointer past its
+	 * end (the sanitizer build's pointer-compare check sees one it compares) */
+	char *exact = xstrndup("4a\x1e" "4b", 5);
+	exact = xrealloc(exact, 5);
+	CHECK_STR(decode(4, exact, 5, false, &ok), "T4:a|T4:b|");
+	CHECK(ok);
+	free(exact);
 	buf_free(&seen);
 }
 
@@ -236,6 +248,21 @@ static void test_sio_parse(void)
 			fprintf(stderr, "sio_parse accepted bad packet \"%s\"\n", bad[i]);
 		}
 	}
+}
+
+/* ["msg"] with no DATA is relayed as it is; nothing is computed from DATA it lacks (the
+ * sanitizer build's pointer-subtract check catches arithmetic on the missing span). */
+static void test_chat_talk_without_data(void)
+{
+	struct sio_packet p;
+	CHECK(parses("2[\"msg\"]", &p));
+	char nick[] = "Otter";
+	struct session s = {.state = S_OPEN, .nick = nick};
+	int flood = opt.flood_limit;
+	opt.flood_limit = 0;
+	chat_talk(&s, 0, &p, NULL);
+	opt.flood_limit = flood;
+	CHECK(history.count == 0);
 }
 
 static void test_strmap(void)
@@ -312,6 +339,7 @@ int main(void)
 	test_base64_sha1();
 	test_payloads();
 	test_sio_parse();
+	test_chat_talk_without_data();
 	test_strmap();
 	test_names();
 	test_timers();

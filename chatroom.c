@@ -114,9 +114,8 @@ enum {
 	MAX_WEBSOCKETS = MAX_SESSIONS + 64, /* upgrade probes, and sockets lingering in close */
 	MAX_NAMESPACES = 2,                 /* the chat needs "/"; the protocol test server two */
 	SID_LEN = 20,                       /* like Node's: 15 random bytes in base64url */
-	NSP_MAX = 128,                      /* longest namespace name we accept */
 	JSON_MAX_DEPTH = 64,                /* deeper JSON is refused before anyone parses it */
-	MAX_ATTACHMENTS = 64,               /* binary attachments per Socket.IO packet */
+	MAX_ATTACHMENTS = 10,               /* binary attachments per Socket.IO packet, as Node */
 	UPGRADE_TIMEOUT_MS = 10000,         /* a WebSocket probe must finish its upgrade within */
 	CLOSE_LINGER_MS = 1000,             /* how long a closing WebSocket waits for its peer */
 	POLL_MAX_PACKETS = 16,              /* per long-poll response: python-engineio refuses more */
@@ -3415,8 +3414,8 @@ enum { SIO_CONNECT, SIO_DISCONNECT, SIO_EVENT, SIO_ACK, SIO_CONNECT_ERROR, SIO_B
 struct sio_packet {
 	int type;
 	int attachments;
-	char nsp[NSP_MAX + 1];
-	int64_t ack; /* -1: no acknowledgement asked */
+	struct json_span nsp;  /* "/" when none is written */
+	struct json_span ack;  /* the ack id's digits as sent, any number of them; n == 0: none */
 	struct json_span json; /* the payload, possibly empty */
 	struct json_shape shape;
 	json_t *auth; /* CONNECT: the parsed payload, or NULL */
@@ -3439,28 +3438,37 @@ static int n_namespaces;
 
 static void sio_register(const struct sio_handler *h) { namespaces[n_namespaces++] = h; }
 
-static int sio_slot(const char *nsp)
+static struct json_span span_of(const char *s) { return (struct json_span){s, strlen(s)}; }
+
+static bool span_is(struct json_span a, const char *s)
+{
+	return a.n == strlen(s) && memcmp(a.p, s, a.n) == 0;
+}
+
+static const struct json_span NO_ACK = {"", 0};
+
+static int sio_slot(struct json_span nsp)
 {
 	for (int i = 0; i < n_namespaces; i++)
-		if (strcmp(namespaces[i]->name, nsp) == 0)
+		if (span_is(nsp, namespaces[i]->name))
 			return i;
 	return -1;
 }
 
 /* Starts an outgoing packet: "4" (an Engine.IO message), the type, the attachment count,
  * the namespace unless it is "/", the ack id. The caller appends the JSON. */
-static void sio_head(struct buf *b, int type, const char *nsp, int attachments, int64_t ack)
+static void sio_head(struct buf *b, int type, struct json_span nsp, int attachments,
+                     struct json_span ack)
 {
 	buf_addc(b, '4');
 	buf_addc(b, (char)('0' + type));
 	if (type == SIO_BINARY_EVENT || type == SIO_BINARY_ACK)
 		buf_printf(b, "%d-", attachments);
-	if (strcmp(nsp, "/") != 0) {
-		buf_adds(b, nsp);
+	if (!span_is(nsp, "/")) {
+		buf_add(b, nsp.p, nsp.n);
 		buf_addc(b, ',');
 	}
-	if (ack >= 0)
-		buf_printf(b, "%lld", (long long)ack);
+	buf_add(b, ack.p, ack.n);
 }
 
 static struct blob *blob_from_buf(struct buf *b)
@@ -3471,7 +3479,7 @@ static struct blob *blob_from_buf(struct buf *b)
 }
 
 /* Sends a whole packet: the JSON is given as text (may be empty). room_lock held. */
-static void sio_send(struct session *s, int type, const char *nsp, int64_t ack,
+static void sio_send(struct session *s, int type, struct json_span nsp, struct json_span ack,
                      const char *json, size_t json_len)
 {
 	struct buf b = {0};
@@ -3519,17 +3527,31 @@ static bool is_reserved_event(struct json_span name)
 	return false;
 }
 
-/* Parses and checks a Socket.IO packet, as Node's socket.io-parser would accept it. */
+static bool is_event_name(struct json_span name)
+{
+	if (name.p[0] == '-' || (name.p[0] >= '0' && name.p[0] <= '9'))
+		return true; /* socket.io-parser takes numbers as event names too */
+	return name.p[0] == '"' && !is_reserved_event(name);
+}
+
+/*
+ * Parses and checks a Socket.IO packet by the rules of socket.io-parser 4, which Node's
+ * server decodes with: what it accepts, we accept; what it throws on, we refuse. So a
+ * packet without data is fine (an EVENT without one means nothing, and is ignored), an
+ * ack id may have any number of digits (it goes back as it came), and the namespace is
+ * whatever runs from "/" to the first comma.
+ */
 static bool sio_parse(const char *d, size_t n, struct sio_packet *p)
 {
 	memset(p, 0, sizeof *p);
-	p->ack = -1;
+	p->nsp = span_of("/");
+	p->ack = NO_ACK;
 	if (n < 1 || d[0] < '0' || d[0] > '6')
 		return false;
 	p->type = d[0] - '0';
 	size_t i = 1;
-	int64_t v;
 	if (p->type == SIO_BINARY_EVENT || p->type == SIO_BINARY_ACK) {
+		int64_t v;
 		if (!read_number(d, n, &i, 3, &v) || v < 1 || v > MAX_ATTACHMENTS || i >= n || d[i] != '-')
 			return false;
 		p->attachments = (int)v;
@@ -3539,46 +3561,41 @@ static bool sio_parse(const char *d, size_t n, struct sio_packet *p)
 		size_t start = i;
 		while (i < n && d[i] != ',')
 			i++;
-		size_t len = i - start;
-		const char *q = memchr(d + start, '?', len); /* protocol 4 may add a query */
-		if (q)
-			len = (size_t)(q - (d + start));
-		if (len > NSP_MAX || memchr(d + start, 0, len))
-			return false;
-		memcpy(p->nsp, d + start, len);
-		p->nsp[len] = 0;
+		p->nsp = (struct json_span){d + start, i - start};
 		if (i < n)
 			i++; /* the comma */
-	} else {
-		strcpy(p->nsp, "/");
 	}
-	if (i < n && d[i] >= '0' && d[i] <= '9') {
-		if (!read_number(d, n, &i, 15, &p->ack))
-			return false;
-	}
+	size_t ack_start = i;
+	while (i < n && d[i] >= '0' && d[i] <= '9')
+		i++;
+	p->ack = (struct json_span){d + ack_start, i - ack_start};
 	p->json = (struct json_span){d + i, n - i};
-	bool has_json = p->json.n > 0;
-	if (has_json && !json_check(p->json.p, p->json.n, &p->shape))
+	if (p->json.n == 0)
+		return p->type != SIO_CONNECT_ERROR;
+	if (!json_check(p->json.p, p->json.n, &p->shape))
 		return false;
+	char kind = p->shape.kind;
 	switch (p->type) {
 	case SIO_CONNECT:
-		return !has_json || p->shape.kind == '{';
+		return kind == '{';
 	case SIO_DISCONNECT:
-		return !has_json;
+		return false;
 	case SIO_EVENT:
 	case SIO_BINARY_EVENT:
-		return has_json && p->shape.kind == '[' && p->shape.count >= 1 &&
-		       p->shape.item[0].p[0] == '"' && !is_reserved_event(p->shape.item[0]);
+		return kind == '[' && p->shape.count >= 1 && is_event_name(p->shape.item[0]);
 	case SIO_ACK:
 	case SIO_BINARY_ACK:
-		return has_json && p->shape.kind == '[' && p->ack >= 0;
-	default: /* CONNECT_ERROR is the server's to send */
+		return kind == '[';
+	default: /* CONNECT_ERROR is the server's to send: Node closes a client that sends one */
 		return false;
 	}
 }
 
 /* Do the placeholders of a binary packet point at attachments that exist? A receiver's
- * parser would throw on one that does not, so such a packet must never be relayed. */
+ * parser would throw on one that does not, so such a packet must never be relayed. As in
+ * socket.io-parser, a placeholder is an object whose "_placeholder" is true, and its
+ * "num" a number from 0 to below the attachment count; any other object is data. Unlike
+ * socket.io-parser we also want "num" whole: python-socketio indexes a list with it. */
 static bool placeholders_ok(const json_t *v, int attachments)
 {
 	if (json_is_array(v)) {
@@ -3586,11 +3603,10 @@ static bool placeholders_ok(const json_t *v, int attachments)
 			if (!placeholders_ok(json_array_get(v, i), attachments))
 				return false;
 	} else if (json_is_object(v)) {
-		const json_t *ph = json_object_get(v, "_placeholder");
-		if (ph) {
+		if (json_is_true(json_object_get(v, "_placeholder"))) {
 			const json_t *num = json_object_get(v, "num");
 			double k = json_is_number(num) ? json_number_value(num) : -1;
-			return json_is_true(ph) && k >= 0 && k < attachments && k == (double)(int)k;
+			return k >= 0 && k < attachments && k == (double)(int)k;
 		}
 		const char *key;
 		const json_t *val;
@@ -3612,7 +3628,7 @@ static void sio_make_sid(struct session *s, int slot)
 		memcpy(s->nsp[slot].sid, s->sid, SID_LEN + 1);
 }
 
-static void sio_refuse(struct session *s, const char *nsp, const char *message)
+static void sio_refuse(struct session *s, struct json_span nsp, const char *message)
 {
 	struct buf b = {0};
 	if (s->eio == 4)
@@ -3620,13 +3636,16 @@ static void sio_refuse(struct session *s, const char *nsp, const char *message)
 	json_put_string(&b, message);
 	if (s->eio == 4)
 		buf_addc(&b, '}');
-	sio_send(s, SIO_CONNECT_ERROR, nsp, -1, b.p, b.len);
+	sio_send(s, SIO_CONNECT_ERROR, nsp, NO_ACK, b.p, b.len);
 	buf_free(&b);
 }
 
 /* A CONNECT. room_lock held. */
-static void sio_connect(struct session *s, const char *nsp, const json_t *auth)
+static void sio_connect(struct session *s, struct json_span nsp, const json_t *auth)
 {
+	const char *query = memchr(nsp.p, '?', nsp.n);
+	if (s->eio == 3 && query) /* protocol 4 puts a query after the name; 5 has none */
+		nsp.n = (size_t)(query - nsp.p);
 	int slot = sio_slot(nsp);
 	if (slot < 0) {
 		sio_refuse(s, nsp, "Invalid namespace");
@@ -3646,9 +3665,9 @@ static void sio_connect(struct session *s, const char *nsp, const json_t *auth)
 	if (s->eio == 4) {
 		char json[64 + SID_LEN];
 		int n = snprintf(json, sizeof json, "{\"sid\":\"%s\"}", sk->sid);
-		sio_send(s, SIO_CONNECT, nsp, -1, json, (size_t)n);
+		sio_send(s, SIO_CONNECT, nsp, NO_ACK, json, (size_t)n);
 	} else {
-		sio_send(s, SIO_CONNECT, nsp, -1, "", 0);
+		sio_send(s, SIO_CONNECT, nsp, NO_ACK, "", 0);
 	}
 	sk->connected = true;
 	namespaces[slot]->on_connect(s, slot, auth);
@@ -3688,9 +3707,10 @@ static void sio_dispatch(struct session *s, struct sio_packet *p, struct blob *c
 	}
 	if (p->type == SIO_DISCONNECT)
 		sio_leave(s, slot, "client namespace disconnect");
-	else if (p->type == SIO_EVENT || p->type == SIO_BINARY_EVENT)
+	else if ((p->type == SIO_EVENT || p->type == SIO_BINARY_EVENT) && p->shape.count > 0)
 		namespaces[slot]->on_event(s, slot, p, att);
-	/* ACKs: our namespaces never ask clients for one */
+	/* ACKs: our namespaces never ask clients for one. An EVENT without data means
+	 * nothing: Node ignores it too. */
 }
 
 static void sio_fail(struct session *s, const char *reason)
@@ -3777,8 +3797,8 @@ static void sio_on_message(struct session *s, const char *data, size_t len, bool
 /* Engine.IO 3 clients are in "/" from the start. */
 static void sio_on_open(struct session *s)
 {
-	if (s->eio == 3 && sio_slot("/") >= 0)
-		sio_connect(s, "/", NULL);
+	if (s->eio == 3 && sio_slot(span_of("/")) >= 0)
+		sio_connect(s, span_of("/"), NULL);
 }
 
 static void sio_on_close(struct session *s)
@@ -3873,7 +3893,7 @@ static void history_send(struct session *s)
 	if (opt.history == 0)
 		return;
 	struct buf b = {0};
-	sio_head(&b, SIO_EVENT, "/", 0, -1);
+	sio_head(&b, SIO_EVENT, span_of("/"), 0, NO_ACK);
 	buf_adds(&b, "[\"history\",[");
 	for (int i = 0; i < history.count; i++) {
 		int at = (history.head + i) % opt.history;
@@ -3945,7 +3965,7 @@ static void room_broadcast(struct blob *head, struct blob *const *att, int natt)
 static struct blob *presence_full(const char *action, const char *who)
 {
 	struct buf b = {0};
-	sio_head(&b, SIO_EVENT, "/", 0, -1);
+	sio_head(&b, SIO_EVENT, span_of("/"), 0, NO_ACK);
 	buf_adds(&b, "[\"msg\",{");
 	if (strcmp(action, "login") == 0) {
 		buf_adds(&b, "\"username\":");
@@ -3964,7 +3984,7 @@ static struct blob *presence_full(const char *action, const char *who)
 static struct blob *presence_delta(const char *action, const char *who, const char *sid)
 {
 	struct buf b = {0};
-	sio_head(&b, SIO_EVENT, "/", 0, -1);
+	sio_head(&b, SIO_EVENT, span_of("/"), 0, NO_ACK);
 	buf_printf(&b, "[\"msg\",{\"action\":\"%s\",\"username\":", action);
 	json_put_string(&b, who);
 	buf_adds(&b, ",\"sid\":");
@@ -4060,6 +4080,8 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
                       struct blob *const *att)
 {
 	char name[8];
+	if (p->shape.item[0].p[0] != '"')
+		return; /* a numeric event name */
 	int n = json_string_text(p->shape.item[0], name, sizeof name);
 	if (n != 3 || memcmp(name, "msg", 3) != 0)
 		return;
@@ -4068,7 +4090,7 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 		return;
 	}
 	struct buf b = {0};
-	sio_head(&b, p->type, "/", p->attachments, -1);
+	sio_head(&b, p->type, span_of("/"), p->attachments, NO_ACK);
 	bool has_data = p->shape.count >= 2; /* ["msg"] alone has none */
 	struct json_span data = p->shape.item[1];
 	size_t data_at = has_data ? b.len + (size_t)(data.p - p->json.p) : 0;
@@ -4087,8 +4109,8 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 	if (has_data && p->attachments == 0)
 		history_add(msg->data + data_at, data_len);
 	blob_unref(msg);
-	if (p->ack >= 0)
-		sio_send(s, SIO_ACK, namespaces[slot]->name, p->ack, "[]", 2);
+	if (p->ack.n > 0)
+		sio_send(s, SIO_ACK, span_of(namespaces[slot]->name), p->ack, "[]", 2);
 }
 
 static const struct sio_handler chat_namespace = {

@@ -53,7 +53,7 @@ static const char *admit_everyone(struct session *s, int slot, const json_t *aut
 static void emit_auth(struct session *s, int slot, const json_t *auth)
 {
 	struct buf b = {0};
-	sio_head(&b, SIO_EVENT, namespaces[slot]->name, 0, -1);
+	sio_head(&b, SIO_EVENT, span_of(namespaces[slot]->name), 0, NO_ACK);
 	buf_adds(&b, "[\"auth\",");
 	if (auth)
 		json_dump_to(&b, auth);
@@ -89,14 +89,14 @@ static void reply(struct session *s, struct buf *b, struct blob *const *att, int
 static void echo_event(struct session *s, int slot, const struct sio_packet *p,
                        struct blob *const *att)
 {
-	const char *nsp = namespaces[slot]->name;
+	struct json_span nsp = span_of(namespaces[slot]->name);
 	bool binary = p->attachments > 0;
 	char name[32];
 	int n = json_string_text(p->shape.item[0], name, sizeof name - 1);
 	name[n < 0 ? 0 : n] = 0;
 	struct buf b = {0};
 	if (strcmp(name, "message") == 0) {
-		sio_head(&b, binary ? SIO_BINARY_EVENT : SIO_EVENT, nsp, p->attachments, -1);
+		sio_head(&b, binary ? SIO_BINARY_EVENT : SIO_EVENT, nsp, p->attachments, NO_ACK);
 		buf_adds(&b, "[\"message-back\"");
 		struct buf rest = {0};
 		put_rest_of_arguments(&rest, p);
@@ -108,7 +108,7 @@ static void echo_event(struct session *s, int slot, const struct sio_packet *p,
 		}
 		buf_free(&rest);
 		reply(s, &b, att, p->attachments);
-	} else if (strcmp(name, "message-with-ack") == 0 && p->ack >= 0) {
+	} else if (strcmp(name, "message-with-ack") == 0 && p->ack.n > 0) {
 		sio_head(&b, binary ? SIO_BINARY_ACK : SIO_ACK, nsp, p->attachments, p->ack);
 		put_rest_of_arguments(&b, p);
 		reply(s, &b, att, p->attachments);

@@ -114,23 +114,21 @@ def test_nothing_before_connect(server):
 MALFORMED = [
     "4",                                   # an empty Socket.IO packet
     "49",                                  # unknown type
-    "42",                                  # EVENT without data
     "42{}",                                # EVENT data not an array
     "42[]",                                # no event name
-    "42[1]",                               # event name not a string
+    "42[null]",                            # event name neither a string nor a number
     '42["connect"]',                       # a reserved name
     '42["msg",',                           # broken JSON
     '42["msg","\\x"]',                     # bad escape
     '42["msg",tru]',                       # bad literal
     "42" + "[" * 100 + "]" * 100,          # too deep
-    '43["x"]',                             # ACK without an id
     "40[1]",                               # CONNECT payload not an object
     "41{}",                                # DISCONNECT with a payload
-    "44{}",                                # CONNECT_ERROR is the server's
+    "44{}",                                # CONNECT_ERROR is the server's (Node closes too)
     '45-["msg"]',                          # binary without a count
     '450-["msg"]',                         # binary with zero attachments
     '451-["msg",{"_placeholder":true,"num":1}]',  # a placeholder with no attachment
-    '451-["msg",{"_placeholder":"yes","num":0}]',
+    '451-["msg",{"_placeholder":true,"num":0.5}]',  # not whole: python-socketio would crash
     '4' + '2["msg","' + 'a' * 10 + '"]' + '\x00',  # trailing garbage
 ]
 
@@ -174,3 +172,54 @@ def test_a_session_that_never_joins_is_closed(make_server):
         except Closed:
             break
     assert 0.5 <= time.monotonic() - start < 1.5
+
+
+# Packets socket.io-parser 4.2 (Node's server) accepts: the session must live on, and
+# the room still answers. Each one closed the session before chatroom followed its rules.
+ACCEPTED_BY_NODE = {
+    "numeric-event-name": '42[7,"x"]',
+    "event-without-data": "42",
+    "ack-without-id": '43["x"]',
+    "ack-for-nothing": "4399[]",
+}
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED_BY_NODE))
+def test_packets_node_accepts_keep_the_session(server, name):
+    a = joined(server)
+    a.send_text(ACCEPTED_BY_NODE[name])
+    a.send_text('42["msg",{"msg":"still here"}]')
+    assert json.loads(a.recv_message()[2:])[1]["msg"] == "still here"
+    a.close()
+
+
+def test_long_ack_id_comes_back_as_sent(server):
+    a = joined(server)
+    a.send_text('42123456789012345678901234["msg",{"msg":"big id"}]')
+    relayed, ack = events(a, 2)
+    assert json.loads(relayed[2:])[1]["msg"] == "big id"
+    assert ack == "43123456789012345678901234[]"
+    a.close()
+
+
+def test_object_that_is_not_a_placeholder_is_data(server):
+    a = joined(server)
+    b = joined(server)
+    a.recv_message()  # b's login
+    a.send_text('451-["msg",{"blob":{"_placeholder":true,"num":0},'
+                '"meta":{"_placeholder":false,"num":5}}]')
+    a.send_binary(b"\x01\x02")
+    head = b.recv_message()
+    assert head.startswith("451-") and '"_placeholder":false' in head
+    assert b.recv_message() == b"\x01\x02"
+    a.close()
+    b.close()
+
+
+def test_too_many_attachments_close_the_session_as_in_node(server):
+    watcher = joined(server)
+    a = joined(server)
+    watcher.recv_message()
+    a.send_text('4511-["msg",{}]')  # socket.io-parser allows at most 10
+    assert a.expect_close() is not None
+    assert '"logout"' in watcher.recv_message()

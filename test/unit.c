@@ -228,19 +228,28 @@ static void test_payloads(void)
 
 static bool parses(const char *s, struct sio_packet *p) { return sio_parse(s, strlen(s), p); }
 
+static bool span_eq(struct json_span a, const char *b) { return span_is(a, b); }
+
 static void test_sio_parse(void)
 {
+	/* the rules of socket.io-parser 4.2, which Node's server decodes with */
 	struct sio_packet p;
-	CHECK(parses("0", &p) && p.type == 0 && strcmp(p.nsp, "/") == 0 && p.ack == -1);
-	CHECK(parses("0/admin,{\"t\":1}", &p) && strcmp(p.nsp, "/admin") == 0 && p.json.n == 7);
-	CHECK(parses("0/admin?x=1,", &p) && strcmp(p.nsp, "/admin") == 0);
-	CHECK(parses("2/chat,17[\"msg\",1]", &p) && p.ack == 17 && p.shape.count == 2);
+	CHECK(parses("0", &p) && p.type == 0 && span_eq(p.nsp, "/") && p.ack.n == 0);
+	CHECK(parses("0/admin,{\"t\":1}", &p) && span_eq(p.nsp, "/admin") && p.json.n == 7);
+	CHECK(parses("0/admin?x=1,", &p) && span_eq(p.nsp, "/admin?x=1")); /* the query: protocol 4's */
+	CHECK(parses("2/chat,17[\"msg\",1]", &p) && span_eq(p.ack, "17") && p.shape.count == 2);
 	CHECK(parses("52-[\"a\",{\"_placeholder\":true,\"num\":1}]", &p) && p.attachments == 2);
-	CHECK(parses("312[]", &p) && p.type == 3 && p.ack == 12);
+	CHECK(parses("312[]", &p) && p.type == 3 && span_eq(p.ack, "12"));
 	CHECK(parses("1", &p) && p.type == 1);
-	const char *bad[] = {"", "7", "2", "2{}", "2[]", "2[1]", "2[\"disconnect\"]", "3[]",
-	                     "0[]", "1{}", "4{}", "5[\"a\"]", "50-[\"a\"]", "5999-[\"a\"]",
-	                     "21234567890123456[\"a\"]", "2[\"a\""};
+	CHECK(parses("2", &p) && p.json.n == 0);                    /* no data: ignored later */
+	CHECK(parses("2[1,\"x\"]", &p) && p.shape.item[0].p[0] == '1'); /* a numeric name */
+	CHECK(parses("3[]", &p) && p.ack.n == 0);                   /* an ack without an id */
+	CHECK(parses("21234567890123456789012[\"a\"]", &p) && span_eq(p.ack, "1234567890123456789012"));
+	CHECK(parses("510-[\"a\"]", &p) && p.attachments == 10);
+	CHECK(parses("2/chat", &p) && span_eq(p.nsp, "/chat") && p.json.n == 0);
+	const char *bad[] = {"", "7", "x", "2{}", "2[]", "2[null]", "2[\"disconnect\"]", "0[]",
+	                     "1{}", "1[]", "4", "4{}", "4\"no\"", "5[\"a\"]", "50-[\"a\"]", "511-[\"a\"]",
+	                     "5999-[\"a\"]", "2[\"a\"", "2x", "3{}"};
 	for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
 		checks++;
 		if (sio_parse(bad[i], strlen(bad[i]), &p)) {
@@ -248,6 +257,27 @@ static void test_sio_parse(void)
 			fprintf(stderr, "sio_parse accepted bad packet \"%s\"\n", bad[i]);
 		}
 	}
+}
+
+static bool placeholders(const char *json, int attachments)
+{
+	json_t *v = json_loads(json, JSON_DECODE_INT_AS_REAL, NULL);
+	bool ok = placeholders_ok(v, attachments);
+	json_decref(v);
+	return ok;
+}
+
+static void test_placeholders(void)
+{
+	CHECK(placeholders("[\"a\",{\"_placeholder\":true,\"num\":0}]", 1));
+	CHECK(!placeholders("[\"a\",{\"_placeholder\":true,\"num\":1}]", 1));
+	CHECK(!placeholders("[\"a\",{\"_placeholder\":true,\"num\":\"0\"}]", 1));
+	CHECK(!placeholders("[\"a\",{\"_placeholder\":true}]", 1));
+	CHECK(!placeholders("[\"a\",{\"_placeholder\":true,\"num\":0.5}]", 1));
+	CHECK(placeholders("[\"a\",{\"_placeholder\":false,\"num\":7}]", 1)); /* data, not a placeholder */
+	CHECK(placeholders("[\"a\",{\"_placeholder\":1}]", 1));
+	CHECK(!placeholders("[\"a\",{\"_placeholder\":{\"_placeholder\":true,\"num\":3}}]", 1));
+	CHECK(!placeholders("[\"a\",{\"x\":[{\"_placeholder\":true,\"num\":-1}]}]", 1));
 }
 
 /* ["msg"] with no DATA is relayed as it is; nothing is computed from DATA it lacks (the
@@ -339,6 +369,7 @@ int main(void)
 	test_base64_sha1();
 	test_payloads();
 	test_sio_parse();
+	test_placeholders();
 	test_chat_talk_without_data();
 	test_strmap();
 	test_names();

@@ -1440,8 +1440,8 @@ struct eio_app {
 	void (*on_close)(struct session *s); /* room_lock held */
 	/* room_lock NOT held: the layer may parse at leisure, then lock to act. */
 	void (*on_message)(struct session *s, const char *data, size_t len, bool binary);
-	/* room_lock held, may be NULL: a ping went out (protocol 4) or came in (protocol 3). */
-	void (*on_heartbeat)(struct session *s, int64_t now);
+	/* room_lock held: the deadline the layer set with session_deadline has come. */
+	void (*on_deadline)(struct session *s);
 };
 
 /* An Engine.IO server: a path and its settings. The chat has one; the test server two. */
@@ -1491,8 +1491,10 @@ struct session {
 	bool dirty;           /* on the wire thread's list of queues to write */
 	struct session *next_dirty;
 
-	/* heartbeat: one timer per session, kept in a min-heap (see timers) */
-	int64_t timer_at; /* protocol 4: next ping, or pong deadline; 3: silence deadline */
+	/* timers: one per session in a min-heap (see timers), due at the earlier of two */
+	int64_t beat_at;  /* protocol 4: next ping, or pong deadline; 3: silence deadline */
+	int64_t app_at;   /* the layer above's deadline (0: none), e.g. to join a namespace */
+	int64_t timer_at; /* the earlier of the two: the heap's key */
 	int heap_pos;     /* place in the timer heap, -1 when not in it */
 	bool awaiting_pong, deadline_refreshed;
 	uint32_t gen;     /* counts the slot's reuses: stale epoll events are told apart */
@@ -1733,6 +1735,28 @@ static void timer_cancel(struct session *s)
 	timer_place(pos, timer_heap[timer_count]);
 	timer_sift_up(pos);
 	timer_sift_down(sessions[timer_heap[pos]].heap_pos);
+}
+
+/* The session's timer is due at the earlier of its heartbeat and its layer's deadline. */
+static void session_timer_update(struct session *s)
+{
+	int64_t at = s->beat_at;
+	if (s->app_at && s->app_at < at)
+		at = s->app_at;
+	timer_set(s, at);
+}
+
+static void beat_set(struct session *s, int64_t at)
+{
+	s->beat_at = at;
+	session_timer_update(s);
+}
+
+/* For the layer above: calls its on_deadline at `at`, once. room_lock held. */
+static void session_deadline(struct session *s, int64_t at)
+{
+	s->app_at = at;
+	session_timer_update(s);
 }
 
 /* The session whose timer is due first, or NULL if none is due by `now`. */
@@ -2022,16 +2046,25 @@ static struct session *eio_open(const struct endpoint *ep, int eio, enum transpo
 	blob_unref(open);
 	int64_t now = now_ms();
 	if (eio == 4)
-		timer_set(s, now + ep->ping_interval);
+		beat_set(s, now + ep->ping_interval);
 	else
-		timer_set(s, now + ep->ping_interval + ep->ping_timeout);
+		beat_set(s, now + ep->ping_interval + ep->ping_timeout);
 	ep->app->on_open(s);
 	return s;
 }
 
-/* A session's timer is due: ping, or give up on a silent client. room_lock held. */
+/* A session's timer is due: the layer's deadline, or the heartbeat's -- ping, or give up
+ * on a silent client. room_lock held. */
 static void eio_timer_fire(struct session *s, int64_t now)
 {
+	if (s->app_at && s->app_at <= now) {
+		s->app_at = 0;
+		s->ep->app->on_deadline(s);
+	}
+	if (s->beat_at > now) {
+		session_timer_update(s);
+		return;
+	}
 	if (s->eio == 4 && !s->awaiting_pong) {
 		/* Over polling the ping jumps the queue: a client working through a backlog a
 		 * long-poll at a time must still see it within pingTimeout. */
@@ -2043,9 +2076,7 @@ static void eio_timer_fire(struct session *s, int64_t now)
 		blob_unref(ping);
 		s->awaiting_pong = true;
 		s->deadline_refreshed = false;
-		timer_set(s, now + s->ep->ping_timeout);
-		if (s->ep->app->on_heartbeat)
-			s->ep->app->on_heartbeat(s, now);
+		beat_set(s, now + s->ep->ping_timeout);
 		return;
 	}
 	timer_cancel(s);
@@ -2062,10 +2093,10 @@ static bool eio_heard(struct session *s, char type, const char *data, size_t len
 			return false; /* invalid heartbeat direction */
 		if (type == '3') {
 			s->awaiting_pong = false;
-			timer_set(s, now + s->ep->ping_interval);
+			beat_set(s, now + s->ep->ping_interval);
 		} else if (s->awaiting_pong && !s->deadline_refreshed) {
 			s->deadline_refreshed = true;
-			timer_set(s, now + s->ep->ping_timeout);
+			beat_set(s, now + s->ep->ping_timeout);
 		}
 		return true;
 	}
@@ -2079,9 +2110,7 @@ static bool eio_heard(struct session *s, char type, const char *data, size_t len
 		buf_free(&pong);
 		session_send(s, b, false);
 		blob_unref(b);
-		timer_set(s, now + s->ep->ping_interval + s->ep->ping_timeout);
-		if (s->ep->app->on_heartbeat)
-			s->ep->app->on_heartbeat(s, now);
+		beat_set(s, now + s->ep->ping_interval + s->ep->ping_timeout);
 	}
 	return true;
 }
@@ -2383,7 +2412,7 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
  * session's queue meanwhile grows, up to the limit at which the session is dropped.
  * Control frames (pong, close, the 3probe answer) go in `ctl`, between whole frames.
  */
-enum { WS_BATCH = 64, WS_CTL_MAX = 512 };
+enum { WS_BATCH = 64, WS_CTL_MAX = 512, WS_CLOSE_FRAME = 4 /* header and a code */ };
 enum ws_state { WS_FREE, WS_PROBING, WS_OPEN, WS_CLOSING, WS_DEAD };
 
 struct wsconn {
@@ -2404,6 +2433,7 @@ struct wsconn {
 	/* reading */
 	unsigned char *rbuf; /* an unfinished frame */
 	size_t rlen, rcap;
+	bool early;          /* rbuf holds bytes that came right behind the upgrade request */
 	struct buf msg;      /* a fragmented message being assembled */
 	int msg_opcode;      /* 0: none in progress */
 
@@ -2472,10 +2502,12 @@ static size_t ws_frame_header(unsigned char *h, int opcode, size_t len)
 }
 
 /* Queues a control frame, or a small text frame like 3probe. Dropped if ctl is full: only
- * a client that floods pings without reading can make that happen. Wire thread. */
+ * a client that floods pings without reading can make that happen. The last bytes are
+ * kept for our close frame, so that one always fits. Wire thread. */
 static void ws_control(struct wsconn *ws, int opcode, const void *payload, size_t len)
 {
-	if (ws->ctl_len + 2 + len > WS_CTL_MAX)
+	size_t room = opcode == 0x8 ? WS_CTL_MAX : WS_CTL_MAX - WS_CLOSE_FRAME;
+	if (ws->ctl_len + 2 + len > room)
 		return;
 	ws->ctl_len += ws_frame_header(ws->ctl + ws->ctl_len, opcode, len);
 	memcpy(ws->ctl + ws->ctl_len, payload, len);
@@ -2784,7 +2816,8 @@ static bool ws_close_payload_ok(const unsigned char *p, size_t len)
 	if (len == 1)
 		return false;
 	int code = p[0] << 8 | p[1];
-	bool known = (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) ||
+	/* RFC 6455 and IANA's registry: 1004-1006 and 1015 are never sent in a frame */
+	bool known = (code >= 1000 && code <= 1014 && code != 1004 && code != 1005 && code != 1006) ||
 	             (code >= 3000 && code <= 4999);
 	return known && utf8_valid((const char *)p + 2, len - 2);
 }
@@ -2891,6 +2924,8 @@ static size_t ws_parse(struct wsconn *ws, unsigned char *p, size_t n)
 	return used;
 }
 
+static void ws_take_input(struct wsconn *ws, unsigned char *in, size_t n);
+
 /* The socket is readable. Wire thread. */
 static void ws_read(struct wsconn *ws)
 {
@@ -2907,15 +2942,22 @@ static void ws_read(struct wsconn *ws)
 	}
 	if (ws->state == WS_CLOSING)
 		return; /* after our close frame, input is only drained */
+	ws_take_input(ws, scratch, (size_t)n);
+}
 
-	unsigned char *p = scratch;
-	size_t len = (size_t)n;
+/* Parses what is left of an unfinished frame followed by in[0..n), and keeps what is
+ * left of a frame then. `in` is scratch space the parser may unmask in place. */
+static void ws_take_input(struct wsconn *ws, unsigned char *in, size_t n)
+{
+	unsigned char *p = in;
+	size_t len = n;
 	if (ws->rlen) { /* complete the unfinished frame */
 		if (ws->rlen + len > ws->rcap) {
 			ws->rcap = ws->rlen + len > 2 * ws->rcap ? ws->rlen + len : 2 * ws->rcap;
 			ws->rbuf = xrealloc(ws->rbuf, ws->rcap);
 		}
-		memcpy(ws->rbuf + ws->rlen, scratch, len);
+		if (len)
+			memcpy(ws->rbuf + ws->rlen, in, len);
 		p = ws->rbuf;
 		len += ws->rlen;
 	}
@@ -3201,6 +3243,12 @@ static void *wire_main(void *arg)
 				struct wsconn *ws = &wsconns[index];
 				if (ws->state == WS_DEAD || (ws->gen & 0xFFFFFF) != gen)
 					continue;
+				if (ws->early) {
+					ws->early = false;
+					ws_take_input(ws, NULL, 0);
+					if (ws->state == WS_DEAD)
+						continue;
+				}
 				if (ev[i].events & EPOLLOUT)
 					wire_writable(ws);
 				if (ws->state != WS_DEAD &&
@@ -3225,14 +3273,19 @@ static void *wire_main(void *arg)
 
 #if CIVETWEB_EMBEDDED
 /* Takes the socket from civetweb: the worker goes back to the pool at once, and civetweb,
- * finding no socket, has nothing to close. Bytes the client sent after its request cannot
- * be waiting in civetweb's buffer: a WebSocket client waits for our 101 first. */
-static int take_socket(struct mg_connection *c, bool *worker_waits)
+ * finding no socket, has nothing to close. Bytes the client sent right behind its request
+ * (a client may send frames without waiting for our 101) may sit in civetweb's buffer
+ * already: they go to `early`. */
+static int take_socket(struct mg_connection *c, bool *worker_waits, struct buf *early)
 {
 	mg_lock_connection(c);
 	int fd = c->client.sock;
 	c->client.sock = INVALID_SOCKET;
 	c->must_close = 1;
+	int64_t body = c->content_len > 0 ? c->content_len : 0;
+	int64_t behind = (int64_t)c->data_len - c->request_len - body;
+	if (behind > 0 && c->request_len > 0)
+		buf_add(early, c->buf + c->request_len + body, (size_t)behind);
 	mg_unlock_connection(c);
 	*worker_waits = false;
 	return fd;
@@ -3240,9 +3293,11 @@ static int take_socket(struct mg_connection *c, bool *worker_waits)
 #else
 /* Debian's libcivetweb hides its connection struct: find our socket among the open file
  * descriptors by the addresses civetweb reports. The worker then holds the connection
- * until the wire thread is done with it; civetweb closes it afterwards, as usual. */
-static int take_socket(struct mg_connection *c, bool *worker_waits)
+ * until the wire thread is done with it; civetweb closes it afterwards, as usual. Bytes
+ * behind the request that civetweb read already are out of our reach here. */
+static int take_socket(struct mg_connection *c, bool *worker_waits, struct buf *early)
 {
+	(void)early;
 	const struct mg_request_info *ri = mg_get_request_info(c);
 	*worker_waits = true;
 	DIR *d = opendir("/proc/self/fd");
@@ -3335,8 +3390,9 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 	           accept, headers ? headers : "");
 	bool worker_waits = false;
 	int fd = -1;
+	struct buf early = {0};
 	if (mg_write(c, head.p, head.len) == (int)head.len)
-		fd = take_socket(c, &worker_waits);
+		fd = take_socket(c, &worker_waits, &early);
 	buf_free(&head);
 
 	room_lock_acquire();
@@ -3356,6 +3412,7 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 		room_unlock();
 		if (fd >= 0 && !worker_waits)
 			close(fd);
+		buf_free(&early);
 		http_close_after(c);
 		return 101;
 	}
@@ -3376,7 +3433,13 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 		s->ws = ws;
 		ws->state = WS_OPEN;
 	}
-	struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP,
+	/* Early bytes are parsed by the wire thread before anything it reads: asking for
+	 * EPOLLOUT too, on a socket that is writable, makes sure it looks at once. */
+	ws->rbuf = (unsigned char *)early.p;
+	ws->rlen = early.len;
+	ws->rcap = early.cap;
+	ws->early = early.len > 0;
+	struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | (ws->early ? EPOLLOUT : 0),
 	                         .data.u64 = epoll_tag(TAG_WS, ws->gen, ws->index)};
 	epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev);
 	uint32_t gen = ws->gen;
@@ -3794,9 +3857,11 @@ static void sio_on_message(struct session *s, const char *data, size_t len, bool
 	json_decref(p.auth);
 }
 
-/* Engine.IO 3 clients are in "/" from the start. */
+/* A client must join a namespace within --connect-timeout, as in Node: one check, at
+ * that moment. Engine.IO 3 clients are in "/" from the start. */
 static void sio_on_open(struct session *s)
 {
+	session_deadline(s, s->opened_at + opt.connect_timeout);
 	if (s->eio == 3 && sio_slot(span_of("/")) >= 0)
 		sio_connect(s, span_of("/"), NULL);
 }
@@ -3808,22 +3873,21 @@ static void sio_on_close(struct session *s)
 	sio_pending_clear(s);
 }
 
-/* A session must join some namespace within --connect-timeout, as in Node (checked at
- * each heartbeat, so it may take up to a ping interval longer). */
-static void sio_on_heartbeat(struct session *s, int64_t now)
+/* The connect timeout: a session in no namespace goes. One that joined and left after
+ * it stays, as in Node. */
+static void sio_on_deadline(struct session *s)
 {
 	for (int i = 0; i < n_namespaces; i++)
 		if (s->nsp[i].connected)
 			return;
-	if (now - s->opened_at >= opt.connect_timeout)
-		session_doom(s, "connect timeout");
+	session_doom(s, "connect timeout");
 }
 
 static const struct eio_app socketio_app = {
 	.on_open = sio_on_open,
 	.on_close = sio_on_close,
 	.on_message = sio_on_message,
-	.on_heartbeat = sio_on_heartbeat,
+	.on_deadline = sio_on_deadline,
 };
 
 /* ================================= the chat room ================================= */
@@ -4130,12 +4194,14 @@ static const struct sio_handler chat_namespace = {
 static const struct endpoint *endpoints[2];
 static int n_endpoints;
 
-/* A query parameter, URL-decoded, or "" if absent or too long. */
-static void query_get(const char *query, const char *name, char *out, size_t cap)
+/* A query parameter, URL-decoded into out (always a string: "" if absent or too long).
+ * Returns its length, -1 if it is absent, -2 if it does not fit. */
+static int query_get(const char *query, const char *name, char *out, size_t cap)
 {
-	out[0] = 0;
-	if (!query || mg_get_var(query, strlen(query), name, out, cap) < 0)
+	int n = query ? mg_get_var(query, strlen(query), name, out, cap) : -1;
+	if (n < 0)
 		out[0] = 0;
+	return n < -1 ? -2 : n;
 }
 
 /*
@@ -4183,10 +4249,10 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 {
 	const struct mg_request_info *ri = mg_get_request_info(c);
 	const char *method = ri->request_method;
-	char transport[16], eio_s[8], sid[64], b64[8];
+	char transport[16], eio_s[8], sid[SID_LEN + 1], b64[8];
 	query_get(ri->query_string, "transport", transport, sizeof transport);
 	query_get(ri->query_string, "EIO", eio_s, sizeof eio_s);
-	query_get(ri->query_string, "sid", sid, sizeof sid);
+	bool sid_too_long = query_get(ri->query_string, "sid", sid, sizeof sid) == -2;
 	query_get(ri->query_string, "b64", b64, sizeof b64);
 	char headers[512];
 	cors_headers(c, headers, sizeof headers);
@@ -4203,6 +4269,8 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 	if (!eio)
 		return eio_error_reply(c, E_VERSION, headers);
 	bool upgrade = is_websocket_upgrade(c);
+	if (sid_too_long) /* no sid of ours is that long: unknown, not a new handshake */
+		return eio_error_reply(c, E_SID, headers);
 
 	if (!sid[0]) { /* a handshake */
 		if (strcmp(method, "GET") != 0)

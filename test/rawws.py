@@ -13,13 +13,14 @@ class Closed(Exception):
 
 
 class RawWS:
-    def __init__(self, host, port, path, timeout=5.0, headers=""):
+    def __init__(self, host, port, path, timeout=5.0, headers="", early=b""):
+        """early: bytes sent in the same write as the request, before any answer."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
         request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                    f"Sec-WebSocket-Version: 13\r\n{headers}\r\n")
-        self.sock.sendall(request.encode())
+        self.sock.sendall(request.encode() + early)
         self.buf = b""
         head = self._read_until(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1])

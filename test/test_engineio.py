@@ -199,6 +199,8 @@ def test_client_ping_is_refused_in_protocol_4(server):
     ("EIO=abc&transport=polling", 5, "Unsupported protocol version"),
     ("EIO=5&transport=polling", 5, "Unsupported protocol version"),
     ("EIO=4&transport=polling&sid=doesnotexist", 1, "Session ID unknown"),
+    ("EIO=4&transport=polling&sid=" + "x" * 64, 1, "Session ID unknown"),  # not a handshake
+    ("EIO=4&transport=polling&sid=" + "x" * 21, 1, "Session ID unknown"),
     ("EIO=4&transport=websocket", 3, "Bad request"),  # websocket without an upgrade
 ])
 def test_bad_requests(server, query, code, message):

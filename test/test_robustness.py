@@ -235,6 +235,20 @@ def test_bad_frames_get_the_right_close_code(server, name):
     assert '"alive"' in other.recv_message()
 
 
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999])
+def test_close_codes_a_peer_may_send_are_echoed(server, code):
+    ws = joined(server)
+    ws.send_frame(0x8, code.to_bytes(2, "big") + b"bye")
+    assert ws.expect_close() == code
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2000, 5000])
+def test_close_codes_a_peer_may_not_send_are_protocol_errors(server, code):
+    ws = joined(server)
+    ws.send_frame(0x8, code.to_bytes(2, "big"))
+    assert ws.expect_close() == 1002
+
+
 def test_websocket_control_frames_and_fragments(server):
     ws = joined(server)
     ws.send_frame(0x9, b"are you there")

@@ -174,6 +174,46 @@ def test_a_session_that_never_joins_is_closed(make_server):
     assert 0.5 <= time.monotonic() - start < 1.5
 
 
+def test_connect_timeout_is_exact_even_between_heartbeats(make_server):
+    # pings are 5 s apart: the connect timeout must not wait for one
+    s = make_server("--connect-timeout", "600", "--ping-interval", "5000")
+    ws = RawWS.engineio(s)
+    ws.recv_message()
+    start = time.monotonic()
+    with pytest.raises(Closed):
+        ws.recv_message(timeout=4)
+    assert 0.6 <= time.monotonic() - start < 2.0
+
+
+def test_leaving_the_room_keeps_the_engineio_session(make_server):
+    # As in Node: after 41 the transport stays; the connect timeout was checked once,
+    # when it came, and the client was in the room then.
+    s = make_server("--connect-timeout", "300", "--ping-interval", "200", "--ping-timeout", "400")
+    ws = joined(s)
+    time.sleep(0.5)
+    ws.send_text("41")
+    deadline = time.monotonic() + 1.5  # several heartbeats
+    while time.monotonic() < deadline:
+        m = ws.recv_message(timeout=2)
+        if m == "2":
+            ws.send_text("3")
+    ws.send_text("40")
+    while not (m := ws.recv_message()).startswith("40"):
+        if m == "2":
+            ws.send_text("3")
+    assert m.startswith('40{"sid":"')
+    ws.close()
+
+
+def test_frames_sent_right_behind_the_upgrade_request_are_read(server):
+    # A client may send its first frames without waiting for the 101.
+    ws = RawWS.engineio(server, early=RawWS.frame(0x1, "40"))
+    assert ws.recv_message()[0] == "0"
+    assert ws.recv_message().startswith('40{"sid":"')
+    assert ws.recv_message().startswith(LOGIN)
+    ws.close()
+
+
 # Packets socket.io-parser 4.2 (Node's server) accepts: the session must live on, and
 # the room still answers. Each one closed the session before chatroom followed its rules.
 ACCEPTED_BY_NODE = {

@@ -295,6 +295,24 @@ static void test_chat_talk_without_data(void)
 	CHECK(history.count == 0);
 }
 
+/* However full of pongs a socket's control buffer is, our close frame fits behind them. */
+static void test_close_frame_always_fits(void)
+{
+	static struct wsconn ws;
+	ws.state = WS_OPEN;
+	unsigned char ping[125] = {0};
+	for (int i = 0; i < 8; i++)
+		ws_control(&ws, 0xA, ping, sizeof ping);
+	ws_control(&ws, 0xA, "", 0);
+	ws_control(&ws, 0xA, "", 0);
+	ws.ctl_off = 1; /* the kernel took part of it: what is queued must stay */
+	wire.evfd = -1;
+	ws_close(&ws, 1000, "test");
+	CHECK(ws.ctl_len >= WS_CLOSE_FRAME);
+	CHECK(memcmp(ws.ctl + ws.ctl_len - 4, "\x88\x02\x03\xe8", 4) == 0);
+	ws_timed = NULL;
+}
+
 static void test_strmap(void)
 {
 	struct strmap m;
@@ -371,6 +389,7 @@ int main(void)
 	test_sio_parse();
 	test_placeholders();
 	test_chat_talk_without_data();
+	test_close_frame_always_fits();
 	test_strmap();
 	test_names();
 	test_timers();

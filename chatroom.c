@@ -99,7 +99,15 @@
  * these sizes, so the server never allocates its way into trouble as clients arrive.
  * --max-clients chooses a room size up to MAX_CLIENTS. There are a few more session slots
  * than room places, so that a client who arrives at a full room can be told so in words
- * (a Socket.IO CONNECT_ERROR "room is full") rather than with a bare HTTP 503.
+ * (a Socket.IO CONNECT_ERROR "room is full") rather than with a bare HTTP 503; sessions
+ * that never join make way for newcomers (see sessions). Connections have a table of
+ * their own, larger: every client holds one or two, and some connections never become
+ * clients at all.
+ *
+ * Everything a client can make us keep or do has a budget: its outbound queue
+ * (--queue-limit), what it may send a second (--inbound-rate, --flood-limit), what its
+ * address may hold (--conns-per-address, --sessions-per-address, --joins-per-minute), and
+ * all of it together (--max-memory). README says how each default was chosen.
  */
 #define CHATROOM_VERSION "1.0.0"
 
@@ -112,6 +120,8 @@ enum {
 	SESSION_SLACK = 16 + CHATROOM_MAX_CLIENTS / 8,
 	MAX_SESSIONS = MAX_CLIENTS + SESSION_SLACK,
 	MAX_WEBSOCKETS = MAX_SESSIONS + 64, /* upgrade probes, and sockets lingering in close */
+	MAX_CONNS = 2 * MAX_SESSIONS + 8192, /* HTTP connections, waiting or busy */
+	MAX_PEERS = MAX_CONNS + MAX_SESSIONS, /* client addresses we count for */
 	MAX_NAMESPACES = 2,                 /* the chat needs "/"; the protocol test server two */
 	SID_LEN = 20,                       /* like Node's: 15 random bytes in base64url */
 	JSON_MAX_DEPTH = 64,                /* deeper JSON is refused before anyone parses it */
@@ -120,6 +130,12 @@ enum {
 	CLOSE_LINGER_MS = 1000,             /* how long a closing WebSocket waits for its peer */
 	POLL_MAX_PACKETS = 16,              /* per long-poll response: python-engineio refuses more */
 	QUEUE_ENTRY_COST = 32,              /* bytes a queued packet costs beyond its data */
+	PACKET_IN_COST = 256,               /* bytes a received packet costs an inbound budget
+	                                       beyond its data: small packets are not free */
+	HEAD_MAX = 16384,                   /* the longest request head (civetweb's buffer) */
+	KEEP_ALIVE_MS = 5000,               /* an idle keep-alive connection waits, as Node's */
+	BODY_STALL_MS = 10000,              /* a request body must keep arriving */
+	WRITE_STALL_MS = 30000,             /* an answer must keep being read */
 };
 
 /* The flags. Defaults are Node's socket.io defaults where Node has one. */
@@ -132,9 +148,15 @@ static struct options {
 	size_t max_payload;     /* bytes: a POST body, a WebSocket message */
 	int max_clients;        /* room size */
 	size_t queue_limit;     /* bytes: outbound queue of one client; over it, it is dropped */
-	int threads;            /* civetweb workers; 0: enough for every client to long-poll */
+	int threads;            /* civetweb workers; 0: chosen at start (see server_start) */
 	bool quiet;             /* no join/leave log */
 	int flood_limit;        /* messages a second a client may send; 0: no limit */
+	size_t inbound_rate;    /* bytes a second a client may send; 0: no limit */
+	int conns_per_address;  /* connections one address (IPv6: one /64) may hold */
+	int sessions_per_address;
+	int joins_per_minute;   /* room joins one address may make a minute, in bursts */
+	size_t max_memory;      /* bytes clients may make us hold; 0: a quarter of RAM */
+	int header_timeout;     /* ms: a request head must arrive within this */
 	int connect_timeout;    /* ms: a session must join a namespace within this */
 	int history;            /* chat messages kept for newcomers; 0: none */
 	const char *path;       /* where Engine.IO listens: "/socket.io/" */
@@ -152,6 +174,12 @@ static struct options {
 	.threads = 0,
 	.quiet = false,
 	.flood_limit = 100,
+	.inbound_rate = 128 * 1024,
+	.conns_per_address = 512,
+	.sessions_per_address = 256,
+	.joins_per_minute = 240,
+	.max_memory = 0,
+	.header_timeout = 60000,
 	.connect_timeout = 45000,
 	.history = 50,
 	.path = "/socket.io/",
@@ -175,14 +203,27 @@ static void usage(FILE *f)
 	        "      --queue-limit BYTES  outbound backlog after which a client that does\n"
 	        "                           not read is dropped (default: 2 x max-payload or\n"
 	        "                           32 x max-clients^2 if more, at most 64 MiB)\n"
-	        "      --threads N          HTTP worker threads (default: max-clients plus\n"
-	        "                           a margin, so that every client can long-poll)\n"
+	        "      --threads N          HTTP worker threads (default: 2 per CPU, at least 4)\n"
 	        "      --history N          last messages a newcomer is sent (default 50; 0: none)\n"
 	        "      --connect-timeout MS a client must join the room within this after it\n"
 	        "                           opens its connection (default 45000)\n"
 	        "      --flood-limit N      messages a second one client may send, in bursts\n"
 	        "                           of up to 2N; a client over it is disconnected\n"
 	        "                           (default 100; 0: no limit)\n"
+	        "      --inbound-rate BYTES bytes a second one client may send, in bursts of\n"
+	        "                           max-payload; past it, we stop reading from it for\n"
+	        "                           a while (default 131072; 0: no limit)\n"
+	        "      --conns-per-address N    connections one address (IPv6: one /64) may\n"
+	        "                           hold at once (default 512)\n"
+	        "      --sessions-per-address N clients one address may have at once\n"
+	        "                           (default 256)\n"
+	        "      --joins-per-minute N room joins one address may make a minute, in\n"
+	        "                           bursts of N (default 240)\n"
+	        "      --max-memory BYTES   what all clients together may make us hold; past\n"
+	        "                           it, those furthest behind are dropped (default: a\n"
+	        "                           quarter of RAM, at most 2 GiB; suffixes K, M, G)\n"
+	        "      --header-timeout MS  a request head must arrive within this\n"
+	        "                           (default 60000)\n"
 	        "      --path PATH          where Socket.IO clients connect (default /socket.io/)\n"
 	        "      --cors-origin ORIGIN a web page's origin allowed to connect from another\n"
 	        "                           site, like https://example.org; repeatable; * for\n"
@@ -209,6 +250,32 @@ static long parse_number(const char *flag, const char *arg, long lo, long hi)
 		exit(2);
 	}
 	return v;
+}
+
+/* A size in bytes, with an optional K, M or G (powers of 1024), in [lo, hi]; or exit 2. */
+static uint64_t parse_size(const char *flag, const char *arg, uint64_t lo, uint64_t hi)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(arg, &end, 10);
+	int shift = 0;
+	if (end != arg && *end && !end[1]) {
+		const char *units = "KMG";
+		const char *u = strchr(units, *end == 'k' ? 'K' : *end);
+		if (u && *u) {
+			shift = 10 * (int)(u - units + 1);
+			end++;
+		}
+	}
+	bool ok = !errno && end != arg && !*end && arg[0] != '-' && v <= (hi >> shift) &&
+	          (v << shift) >= lo;
+	if (!ok) {
+		fprintf(stderr, "chatroom: %s wants a size from %llu to %llu bytes (K, M, G allowed), "
+		        "not '%s'\n", flag, (unsigned long long)lo, (unsigned long long)hi, arg);
+		fprintf(stderr, "Try 'chatroom --help'.\n");
+		exit(2);
+	}
+	return (uint64_t)v << shift;
 }
 
 /* "/chat" or "chat/" become "/chat/": Engine.IO paths begin and end with a slash. */
@@ -244,11 +311,27 @@ static size_t default_queue_limit(void)
 	return limit < (1u << 20) ? 1u << 20 : (size_t)limit;
 }
 
+/*
+ * What all clients together may make us hold: a quarter of the machine's memory, and at
+ * most 2 GiB (1 GiB where addresses are 32 bits): a Raspberry Pi with 1 GiB gives 256 MiB,
+ * a room of 10000 uses a few tens of MiB in normal times. Past it, the clients furthest
+ * behind are dropped first (see memory budget).
+ */
+static size_t default_max_memory(void)
+{
+	long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+	uint64_t ram = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 1ull << 30;
+	uint64_t cap = SIZE_MAX > 0xFFFFFFFFu ? 2ull << 30 : 1ull << 30;
+	uint64_t quarter = ram / 4;
+	return (size_t)(quarter < cap ? quarter : cap);
+}
+
 static void parse_options(int argc, char **argv)
 {
 	enum { OPT_PING_INTERVAL = 256, OPT_PING_TIMEOUT, OPT_MAX_PAYLOAD, OPT_MAX_CLIENTS,
 	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD, OPT_CONNECT_TIMEOUT,
-	       OPT_HISTORY };
+	       OPT_HISTORY, OPT_INBOUND_RATE, OPT_CONNS_PER_ADDRESS, OPT_SESSIONS_PER_ADDRESS,
+	       OPT_JOINS_PER_MINUTE, OPT_MAX_MEMORY, OPT_HEADER_TIMEOUT };
 	static const struct option longopts[] = {
 		{"port", required_argument, NULL, 'p'},
 		{"host", required_argument, NULL, 'H'},
@@ -264,6 +347,12 @@ static void parse_options(int argc, char **argv)
 		{"flood-limit", required_argument, NULL, OPT_FLOOD},
 		{"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
 		{"history", required_argument, NULL, OPT_HISTORY},
+		{"inbound-rate", required_argument, NULL, OPT_INBOUND_RATE},
+		{"conns-per-address", required_argument, NULL, OPT_CONNS_PER_ADDRESS},
+		{"sessions-per-address", required_argument, NULL, OPT_SESSIONS_PER_ADDRESS},
+		{"joins-per-minute", required_argument, NULL, OPT_JOINS_PER_MINUTE},
+		{"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
+		{"header-timeout", required_argument, NULL, OPT_HEADER_TIMEOUT},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -302,6 +391,25 @@ static void parse_options(int argc, char **argv)
 		case OPT_FLOOD:
 			opt.flood_limit = (int)parse_number("--flood-limit", optarg, 0, 1000000);
 			break;
+		case OPT_INBOUND_RATE:
+			opt.inbound_rate = (size_t)parse_size("--inbound-rate", optarg, 0, 1u << 30);
+			break;
+		case OPT_CONNS_PER_ADDRESS:
+			opt.conns_per_address = (int)parse_number("--conns-per-address", optarg, 1, MAX_CONNS);
+			break;
+		case OPT_SESSIONS_PER_ADDRESS:
+			opt.sessions_per_address =
+				(int)parse_number("--sessions-per-address", optarg, 1, MAX_SESSIONS);
+			break;
+		case OPT_JOINS_PER_MINUTE:
+			opt.joins_per_minute = (int)parse_number("--joins-per-minute", optarg, 1, 1000000);
+			break;
+		case OPT_MAX_MEMORY:
+			opt.max_memory = (size_t)parse_size("--max-memory", optarg, 16u << 20, SIZE_MAX);
+			break;
+		case OPT_HEADER_TIMEOUT:
+			opt.header_timeout = (int)parse_number("--header-timeout", optarg, 100, 3600000);
+			break;
 		case OPT_PATH:
 			opt.path = normalize_path(optarg);
 			break;
@@ -326,6 +434,8 @@ static void parse_options(int argc, char **argv)
 	}
 	if (opt.queue_limit == 0)
 		opt.queue_limit = default_queue_limit();
+	if (opt.max_memory == 0)
+		opt.max_memory = default_max_memory();
 	if (opt.queue_limit < opt.max_payload + 4 * QUEUE_ENTRY_COST) {
 		fprintf(stderr, "chatroom: --queue-limit must hold at least one message of "
 		                "--max-payload bytes (%zu)\n", opt.max_payload);
@@ -373,6 +483,42 @@ static int64_t now_us(void)
 
 static int64_t now_ms(void) { return now_us() / 1000; }
 
+/*
+ * A token bucket: `rate` tokens a second, at most `burst` saved up. What a client may
+ * send is one: it takes what it sends, and may go into debt; in debt, it waits.
+ */
+struct bucket {
+	double tokens;
+	int64_t at; /* ms when tokens were last counted; 0: never, full */
+};
+
+static void bucket_refill(struct bucket *b, double rate, double burst, int64_t now)
+{
+	if (b->at == 0)
+		b->tokens = burst;
+	else if (now > b->at)
+		b->tokens += (double)(now - b->at) * rate / 1000.0;
+	if (b->tokens > burst)
+		b->tokens = burst;
+	b->at = now;
+}
+
+/* Takes n tokens (the balance may go below 0) and returns what is left. */
+static double bucket_take(struct bucket *b, double rate, double burst, double n, int64_t now)
+{
+	bucket_refill(b, rate, burst, now);
+	b->tokens -= n;
+	return b->tokens;
+}
+
+/* When the balance is back to 0 (now, if it is not below). */
+static int64_t bucket_even_at(const struct bucket *b, double rate)
+{
+	if (b->tokens >= 0 || rate <= 0)
+		return b->at;
+	return b->at + (int64_t)(-b->tokens * 1000.0 / rate) + 1;
+}
+
 /* A growable byte buffer, for building payloads and messages. */
 struct buf {
 	char *p;
@@ -392,6 +538,8 @@ static void buf_reserve(struct buf *b, size_t more)
 
 static void buf_add(struct buf *b, const void *p, size_t n)
 {
+	if (n == 0)
+		return;
 	buf_reserve(b, n);
 	memcpy(b->p + b->len, p, n);
 	b->len += n;
@@ -773,6 +921,100 @@ static void strmap_del(struct strmap *m, const char *key)
 		}
 	}
 	m->slots[i].key = NULL;
+}
+
+/*
+ * Timers: a binary min-heap of deadlines, one per item (a session, a connection), so that
+ * the wire thread sleeps exactly until the next one however many there are. An item
+ * embeds its struct timer; the heap holds item indexes and finds timers through `of`.
+ */
+struct timer {
+	int64_t at;
+	int pos; /* place in the heap, -1 when not in it */
+};
+
+struct timer_heap {
+	int *items;
+	int count;
+	struct timer *(*of)(int item);
+};
+
+static bool heap_before(struct timer_heap *h, int a, int b) { return h->of(a)->at < h->of(b)->at; }
+
+static void heap_place(struct timer_heap *h, int pos, int item)
+{
+	h->items[pos] = item;
+	h->of(item)->pos = pos;
+}
+
+static void heap_sift_up(struct timer_heap *h, int pos)
+{
+	int item = h->items[pos];
+	while (pos > 0 && heap_before(h, item, h->items[(pos - 1) / 2])) {
+		heap_place(h, pos, h->items[(pos - 1) / 2]);
+		pos = (pos - 1) / 2;
+	}
+	heap_place(h, pos, item);
+}
+
+static void heap_sift_down(struct timer_heap *h, int pos)
+{
+	int item = h->items[pos];
+	for (;;) {
+		int child = 2 * pos + 1;
+		if (child >= h->count)
+			break;
+		if (child + 1 < h->count && heap_before(h, h->items[child + 1], h->items[child]))
+			child++;
+		if (!heap_before(h, h->items[child], item))
+			break;
+		heap_place(h, pos, h->items[child]);
+		pos = child;
+	}
+	heap_place(h, pos, item);
+}
+
+/* Sets the item's deadline. Returns true if it is now the earliest of all. */
+static bool heap_set(struct timer_heap *h, int item, int64_t at)
+{
+	struct timer *t = h->of(item);
+	t->at = at;
+	if (t->pos < 0) {
+		heap_place(h, h->count++, item);
+		heap_sift_up(h, h->count - 1);
+	} else {
+		heap_sift_up(h, t->pos);
+		heap_sift_down(h, t->pos);
+	}
+	return t->pos == 0;
+}
+
+static void heap_cancel(struct timer_heap *h, int item)
+{
+	int pos = h->of(item)->pos;
+	if (pos < 0)
+		return;
+	h->of(item)->pos = -1;
+	if (--h->count == pos)
+		return;
+	heap_place(h, pos, h->items[h->count]);
+	heap_sift_up(h, pos);
+	heap_sift_down(h, h->of(h->items[pos])->pos);
+}
+
+/* The item whose deadline is due first, or -1 if none is due by `now`. */
+static int heap_due(const struct timer_heap *h, int64_t now)
+{
+	return h->count && h->of(h->items[0])->at <= now ? h->items[0] : -1;
+}
+
+/* Milliseconds until the first deadline (at most a minute), or -1 if there is none. */
+static int heap_wait_ms(const struct timer_heap *h, int64_t now)
+{
+	if (h->count == 0)
+		return -1;
+	int64_t d = h->of(h->items[0])->at - now;
+	return d < 0 ? 0 : d > 60000 ? 60000 : (int)d;
 }
 
 /* ===================================== JSON ===================================== */
@@ -1312,22 +1554,170 @@ static char *name_pick(void)
 	}
 }
 
+/* ===================================== peers ===================================== */
+/*
+ * What one address may hold: connections, sessions, and room joins a minute. An address
+ * is a client's IPv4 address, or its IPv6 /64: one machine usually has a whole /64, so
+ * counting /128s would give it millions of addresses. IPv4 clients that reach a
+ * dual-stack socket as ::ffff:a.b.c.d count as IPv4. The defaults fit a class behind one
+ * NAT address: 60 people with two tabs each, all joining within a minute.
+ *
+ * A peer's slot lives while a connection or session counts on it, and while its join
+ * bucket refills; when the table is full, idle slots are swept. Guarded by room_lock.
+ */
+enum { PEER_KEY_MAX = 64 };
+
+struct peer {
+	char key[PEER_KEY_MAX]; /* "" while the slot is free */
+	int conns, sessions;
+	struct bucket joins;
+};
+
+static struct peer peers[MAX_PEERS];
+static struct strmap peer_index; /* key -> slot; keys live in the slots */
+static int peer_free[MAX_PEERS], npeer_free, peers_high;
+
+static void peer_key(const struct sockaddr *sa, char out[PEER_KEY_MAX])
+{
+	char text[INET6_ADDRSTRLEN] = "?";
+	if (sa->sa_family == AF_INET6) {
+		const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)sa;
+		if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr)) {
+			inet_ntop(AF_INET, a6->sin6_addr.s6_addr + 12, text, sizeof text);
+			snprintf(out, PEER_KEY_MAX, "%s", text);
+			return;
+		}
+		struct in6_addr prefix = {0};
+		memcpy(prefix.s6_addr, a6->sin6_addr.s6_addr, 8);
+		inet_ntop(AF_INET6, &prefix, text, sizeof text);
+		snprintf(out, PEER_KEY_MAX, "%s/64", text);
+	} else if (sa->sa_family == AF_INET) {
+		inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, text, sizeof text);
+		snprintf(out, PEER_KEY_MAX, "%s", text);
+	} else {
+		snprintf(out, PEER_KEY_MAX, "other");
+	}
+}
+
+/* The same for an address civetweb gives as text. */
+static void peer_key_of_text(const char *addr, char out[PEER_KEY_MAX])
+{
+	struct sockaddr_in6 a6 = {.sin6_family = AF_INET6};
+	struct sockaddr_in a4 = {.sin_family = AF_INET};
+	if (inet_pton(AF_INET, addr, &a4.sin_addr) == 1)
+		peer_key((struct sockaddr *)&a4, out);
+	else if (inet_pton(AF_INET6, addr, &a6.sin6_addr) == 1)
+		peer_key((struct sockaddr *)&a6, out);
+	else
+		snprintf(out, PEER_KEY_MAX, "other");
+}
+
+static double joins_rate(void) { return opt.joins_per_minute / 60.0; }
+
+static bool peer_idle(struct peer *p, int64_t now)
+{
+	if (p->conns || p->sessions)
+		return false;
+	bucket_refill(&p->joins, joins_rate(), opt.joins_per_minute, now);
+	return p->joins.tokens >= opt.joins_per_minute;
+}
+
+static void peer_drop(int i)
+{
+	strmap_del(&peer_index, peers[i].key);
+	peers[i].key[0] = 0;
+	peer_free[npeer_free++] = i;
+}
+
+/* Frees the slots of peers nobody counts on any more. */
+static void peers_sweep(void)
+{
+	int64_t now = now_ms();
+	for (int i = 0; i < peers_high; i++)
+		if (peers[i].key[0] && peer_idle(&peers[i], now))
+			peer_drop(i);
+}
+
+/* The slot for this address, made if need be; -1 if the table is full of live peers. */
+static int peer_get(const char *key)
+{
+	if (!peer_index.slots)
+		strmap_init(&peer_index, MAX_PEERS);
+	int i = strmap_get(&peer_index, key);
+	if (i >= 0)
+		return i;
+	if (npeer_free == 0 && peers_high == MAX_PEERS)
+		peers_sweep();
+	if (npeer_free > 0)
+		i = peer_free[--npeer_free];
+	else if (peers_high < MAX_PEERS)
+		i = peers_high++;
+	else
+		return -1;
+	peers[i] = (struct peer){0};
+	snprintf(peers[i].key, PEER_KEY_MAX, "%s", key);
+	strmap_put(&peer_index, peers[i].key, i);
+	return i;
+}
+
+/* A connection or session of the peer's is gone. */
+static void peer_let_go(int i)
+{
+	if (i >= 0 && peer_idle(&peers[i], now_ms()))
+		peer_drop(i);
+}
+
+/* May the peer join the room once more? Takes one join from its bucket if so. */
+static bool peer_may_join(int i)
+{
+	if (i < 0)
+		return true;
+	struct bucket *b = &peers[i].joins;
+	if (bucket_take(b, joins_rate(), opt.joins_per_minute, 1, now_ms()) >= 0)
+		return true;
+	b->tokens += 1; /* a refused join costs nothing */
+	return false;
+}
+
 /* ================================ shared buffers ================================ */
 /*
  * A packet is serialized once, into a blob, however many clients it goes to: each
  * recipient's queue holds a reference to it. Whoever writes or discards the last reference
  * frees it; that can be any thread, hence the atomic count.
+ *
+ * The memory budget. Every byte a client can make us hold is counted in mem_held: blobs
+ * (each once, however many queues share it), queue rings, and what is buffered from
+ * clients -- unfinished frames and messages, request heads and bodies, attachments.
+ * Buffers that would grow past --max-memory are refused, and their client dropped; when
+ * queued blobs pass it, the clients furthest behind are dropped first (memory_relieve).
  */
+static atomic_size_t mem_held;
+
+static void mem_take(size_t n) { atomic_fetch_add_explicit(&mem_held, n, memory_order_relaxed); }
+static void mem_give(size_t n) { atomic_fetch_sub_explicit(&mem_held, n, memory_order_relaxed); }
+
+/* May a client's buffer grow by n bytes? */
+static bool mem_room_for(size_t n)
+{
+	size_t held = atomic_load_explicit(&mem_held, memory_order_relaxed);
+	return held <= opt.max_memory && n <= opt.max_memory - held;
+}
+
 struct blob {
 	atomic_int refs;
 	size_t len;
+	_Atomic(struct blob *) base64; /* its data in base64, made once when first asked for */
 	char data[];
 };
 
+static size_t blob_size(size_t len) { return sizeof(struct blob) + len + 1; }
+
 static struct blob *blob_new(size_t len)
 {
-	struct blob *b = xmalloc(sizeof *b + len + 1);
+	struct blob *b = xmalloc(blob_size(len));
+	mem_take(blob_size(len));
 	atomic_init(&b->refs, 1);
+	atomic_init(&b->base64, NULL);
 	b->len = len;
 	b->data[len] = 0; /* handy for text; not counted in len */
 	return b;
@@ -1348,8 +1738,117 @@ static struct blob *blob_ref(struct blob *b)
 
 static void blob_unref(struct blob *b)
 {
-	if (b && atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
+	if (b && atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1) {
+		blob_unref(atomic_load(&b->base64));
+		mem_give(blob_size(b->len));
 		free(b);
+	}
+}
+
+/* A binary blob in base64, for long-polling clients: encoded once, however many of them
+ * get it. Any thread; two that race both encode, and one copy is kept. */
+static struct blob *blob_base64(struct blob *b)
+{
+	struct blob *e = atomic_load(&b->base64);
+	if (e)
+		return e;
+	struct buf text = {0};
+	base64_encode(&text, (const unsigned char *)b->data, b->len);
+	e = blob_of(text.p ? text.p : "", text.len);
+	buf_free(&text);
+	struct blob *none = NULL;
+	if (!atomic_compare_exchange_strong(&b->base64, &none, e)) {
+		blob_unref(e);
+		e = none;
+	}
+	return e;
+}
+
+/*
+ * A gather list: bytes to send, made of pieces that point into shared blobs (it holds a
+ * reference to each) and into a little text of its own -- separators, length prefixes, an
+ * HTTP head. So a long-poll answer shares its message bytes with every other queue they
+ * went to, and costs its recipient only the small change around them.
+ */
+enum { GATHER_PIECES = 3 * POLL_MAX_PACKETS + 4, GATHER_HELD = POLL_MAX_PACKETS };
+
+struct gather {
+	struct buf text;
+	struct {
+		const char *p; /* NULL: text.p + at */
+		size_t at, len;
+	} piece[GATHER_PIECES];
+	int n;
+	struct blob *held[GATHER_HELD];
+	int nheld;
+	size_t len; /* all pieces together */
+};
+
+static void gather_piece(struct gather *g, const char *p, size_t at, size_t len)
+{
+	if (len == 0)
+		return;
+	if (g->n == GATHER_PIECES)
+		abort(); /* callers add at most POLL_MAX_PACKETS packets, three pieces each */
+	g->piece[g->n].p = p;
+	g->piece[g->n].at = at;
+	g->piece[g->n].len = len;
+	g->n++;
+	g->len += len;
+}
+
+/* Text of its own, appended to the last piece when that one is text too. */
+static void gather_text(struct gather *g, const void *p, size_t len)
+{
+	if (len == 0)
+		return;
+	size_t at = g->text.len;
+	buf_add(&g->text, p, len);
+	if (g->n && !g->piece[g->n - 1].p && g->piece[g->n - 1].at + g->piece[g->n - 1].len == at) {
+		g->piece[g->n - 1].len += len;
+		g->len += len;
+	} else {
+		gather_piece(g, NULL, at, len);
+	}
+}
+
+static void gather_blob(struct gather *g, struct blob *b)
+{
+	if (g->nheld == GATHER_HELD)
+		abort();
+	g->held[g->nheld++] = blob_ref(b);
+	gather_piece(g, b->data, 0, b->len);
+}
+
+/* Memory that outlives the gather list, such as the page. */
+static void gather_static(struct gather *g, const void *p, size_t len)
+{
+	gather_piece(g, p, 0, len);
+}
+
+static void gather_free(struct gather *g)
+{
+	for (int i = 0; i < g->nheld; i++)
+		blob_unref(g->held[i]);
+	buf_free(&g->text);
+	memset(g, 0, sizeof *g);
+}
+
+/* The pieces from byte `skip` on, as iovecs; returns how many. */
+static int gather_iov(const struct gather *g, size_t skip, struct iovec *iov)
+{
+	int n = 0;
+	for (int i = 0; i < g->n; i++) {
+		size_t len = g->piece[i].len;
+		const char *p = g->piece[i].p ? g->piece[i].p : g->text.p + g->piece[i].at;
+		if (skip >= len) {
+			skip -= len;
+			continue;
+		}
+		iov[n++] = (struct iovec){(void *)(p + skip), len - skip};
+		skip = 0;
+	}
+	return n;
 }
 
 /* An Engine.IO packet waiting to be sent. Text packets carry their type character
@@ -1371,11 +1870,19 @@ static void outq_grow(struct outq *q)
 	if (q->count == q->cap) {
 		unsigned cap = q->cap ? q->cap * 2 : 8;
 		struct packet *ring = xmalloc(cap * sizeof *ring);
+		mem_take((cap - q->cap) * sizeof *ring);
 		for (unsigned i = 0; i < q->count; i++)
 			ring[i] = q->ring[(q->head + i) % q->cap];
 		free(q->ring);
 		q->ring = ring, q->head = 0, q->cap = cap;
 	}
+}
+
+static void outq_free_ring(struct outq *q)
+{
+	mem_give(q->cap * sizeof *q->ring);
+	free(q->ring);
+	*q = (struct outq){0};
 }
 
 static void outq_push(struct outq *q, struct packet p)
@@ -1398,10 +1905,8 @@ static struct packet outq_pop(struct outq *q)
 {
 	struct packet p = q->ring[q->head];
 	q->head = (q->head + 1) % q->cap;
-	if (--q->count == 0 && q->cap > 64) {
-		free(q->ring);
-		*q = (struct outq){0};
-	}
+	if (--q->count == 0 && q->cap > 64)
+		outq_free_ring(q);
 	return p;
 }
 
@@ -1409,8 +1914,7 @@ static void outq_clear(struct outq *q)
 {
 	while (q->count)
 		blob_unref(outq_pop(q).blob);
-	free(q->ring);
-	*q = (struct outq){0};
+	outq_free_ring(q);
 }
 
 static size_t packet_cost(struct packet p) { return p.blob->len + QUEUE_ENTRY_COST; }
@@ -1427,12 +1931,18 @@ static size_t packet_cost(struct packet p) { return p.blob->len + QUEUE_ENTRY_CO
  * client must go while it is in the middle of something else -- a broadcast that finds a
  * full queue, say -- dooms it instead, and room_unlock closes the doomed before it lets go
  * of the lock. So a broadcast never recurses into the logout broadcast of a dropped client.
+ *
+ * A session is unsettled until the layer above takes it in (Socket.IO: it joined a
+ * namespace). Unsettled sessions take no place in the room, and when the table is full
+ * the oldest of them makes way for a newcomer: handshakes that never join cannot lock
+ * people out.
  */
 enum transport { POLLING, WEBSOCKET };
 enum session_state { S_FREE, S_OPEN, S_CLOSED };
 
 struct session;
 struct wsconn;
+struct conn;
 
 /* What Engine.IO asks of the layer above it (Socket.IO, or the raw echo of the test server). */
 struct eio_app {
@@ -1478,9 +1988,16 @@ struct session {
 	struct outq q; /* packets for the client, in order */
 	size_t qbytes; /* their cost, including packets the wire thread is writing */
 
+	int peer;                 /* its address's slot in peers[] */
+	struct bucket inbound;    /* bytes it may send (see inbound budget) */
+	bool settled;             /* the layer above took it in; until then it may be evicted */
+	int older, newer;         /* the list of unsettled sessions, oldest first; -1 ends it */
+
 	/* long-polling: at most one GET and one POST at a time */
 	bool get_active, post_active;
-	bool get_parked;       /* a GET waits on `wake` for packets */
+	struct conn *poll;     /* the parked GET the wire thread holds for it (make's build) */
+	struct conn *post_conn; /* the connection whose POST is under way (make's build) */
+	bool get_parked;       /* a GET waits on `wake` for packets (libcivetweb's build) */
 	pthread_cond_t *wake;  /* session_wakes[index]: condition variables are not copied */
 	int users; /* handler threads inside this session */
 
@@ -1494,11 +2011,9 @@ struct session {
 	/* timers: one per session in a min-heap (see timers), due at the earlier of two */
 	int64_t beat_at;  /* protocol 4: next ping, or pong deadline; 3: silence deadline */
 	int64_t app_at;   /* the layer above's deadline (0: none), e.g. to join a namespace */
-	int64_t timer_at; /* the earlier of the two: the heap's key */
-	int heap_pos;     /* place in the timer heap, -1 when not in it */
+	struct timer timer; /* at the earlier of the two */
 	bool awaiting_pong, deadline_refreshed;
 	uint32_t gen;     /* counts the slot's reuses: stale epoll events are told apart */
-	int get_fd;       /* socket of a parked GET, watched for the client hanging up */
 	bool closed_by_client; /* it sent a close packet: a parked GET gets noop, not close */
 
 	/* closing */
@@ -1513,8 +2028,7 @@ struct session {
 	/* the chat room */
 	char *nick;
 	bool delta;          /* asked for presence deltas instead of whole name lists */
-	double flood_tokens; /* messages it may still send at once */
-	int64_t flood_at;    /* when the tokens were last counted */
+	struct bucket flood; /* messages it may send (see flooding) */
 };
 
 static pthread_mutex_t room_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -1528,6 +2042,7 @@ static int sessions_open;
 static struct strmap sids;    /* sid of an open session -> its slot */
 static struct session *doomed_head;
 static struct session *dirty_head; /* queues for the wire thread to write */
+static int unsettled_oldest = -1, unsettled_newest = -1;
 static atomic_bool stopping;   /* the server is shutting down */
 
 static void wire_wake(void);
@@ -1563,9 +2078,56 @@ static struct session *session_find(const char *sid)
 	return i >= 0 ? &sessions[i] : NULL;
 }
 
-/* A new open session, or NULL when all places are taken. room_lock held. */
-static struct session *session_new(const struct endpoint *ep, int eio, enum transport t)
+static void session_close(struct session *s, const char *reason);
+
+static void unsettled_add(struct session *s)
 {
+	s->older = unsettled_newest;
+	s->newer = -1;
+	if (unsettled_newest >= 0)
+		sessions[unsettled_newest].newer = s->index;
+	else
+		unsettled_oldest = s->index;
+	unsettled_newest = s->index;
+}
+
+static void unsettled_remove(struct session *s)
+{
+	if (s->settled)
+		return;
+	if (s->older >= 0)
+		sessions[s->older].newer = s->newer;
+	else
+		unsettled_oldest = s->newer;
+	if (s->newer >= 0)
+		sessions[s->newer].older = s->older;
+	else
+		unsettled_newest = s->older;
+	s->older = s->newer = -1;
+}
+
+/* The layer above took the session in: it is no longer evicted to make room. */
+static void session_settle(struct session *s)
+{
+	unsettled_remove(s);
+	s->settled = true;
+}
+
+/*
+ * A new open session for a client at address slot `peer` (-1: unknown), or NULL with
+ * *refusal saying why: its address holds its share of sessions, or every place is taken
+ * by settled sessions. room_lock held.
+ */
+static struct session *session_new(const struct endpoint *ep, int eio, enum transport t,
+                                   int peer, const char **refusal)
+{
+	if (peer >= 0 && peers[peer].sessions >= opt.sessions_per_address) {
+		*refusal = "too many sessions from this address";
+		return NULL;
+	}
+	if (sessions_open >= session_capacity && unsettled_oldest >= 0)
+		session_close(&sessions[unsettled_oldest], "server full: oldest unjoined session");
+	*refusal = "server full";
 	if (sessions_open >= session_capacity)
 		return NULL;
 	int index;
@@ -1582,9 +2144,12 @@ static struct session *session_new(const struct endpoint *ep, int eio, enum tran
 	memset(s, 0, sizeof *s);
 	s->index = index;
 	s->gen = gen;
-	s->heap_pos = -1;
-	s->get_fd = -1;
+	s->timer.pos = -1;
 	s->wake = &session_wakes[index];
+	s->peer = peer;
+	if (peer >= 0)
+		peers[peer].sessions++;
+	unsettled_add(s);
 	s->state = S_OPEN;
 	s->ep = ep;
 	s->eio = eio;
@@ -1601,24 +2166,31 @@ static struct session *session_new(const struct endpoint *ep, int eio, enum tran
 /* Lets the slot go once nobody refers to the closed session. room_lock held. */
 static void session_release(struct session *s)
 {
-	if (s->state != S_CLOSED || s->users || s->ws || s->probe || s->dirty)
+	if (s->state != S_CLOSED || s->users || s->ws || s->probe || s->dirty || s->poll)
 		return;
 	s->state = S_FREE;
 	free_slots[nfree_slots++] = s->index;
 }
 
-/* Wakes whoever writes this session's queue: a parked GET, or the wire thread. */
-static void session_kick(struct session *s)
+/* Puts the session on the wire thread's list of queues to write (or to close). */
+static void session_mark_dirty(struct session *s)
 {
-	if (s->transport == POLLING) {
-		if (s->get_parked)
-			pthread_cond_signal(s->wake);
-	} else if (!s->dirty) {
+	if (!s->dirty) {
 		s->dirty = true;
 		s->next_dirty = dirty_head;
 		dirty_head = s;
 		wire_wake();
 	}
+}
+
+/* Wakes whoever writes this session's queue: the wire thread, for a WebSocket or a
+ * parked GET it holds; the worker of a GET waiting on the condition variable. */
+static void session_kick(struct session *s)
+{
+	if (s->transport == WEBSOCKET || s->poll)
+		session_mark_dirty(s);
+	else if (s->get_parked)
+		pthread_cond_signal(s->wake);
 }
 
 static void session_doom(struct session *s, const char *reason)
@@ -1658,84 +2230,23 @@ static void session_send_first(struct session *s, struct blob *b)
 	session_kick(s);
 }
 
-/* Same, for a text packet given as a C string: "2" (ping), "40", ... */
-static void session_send_text(struct session *s, const char *text)
-{
-	struct blob *b = blob_of(text, strlen(text));
-	session_send(s, b, false);
-	blob_unref(b);
-}
-
 /*
- * Timers. Each open session has one deadline: when to ping, or when the client's silence
- * ends it. They live in a binary min-heap ordered by timer_at, so the wire thread sleeps
- * exactly until the next one and heartbeats are as punctual as Node's (a 300 ms ping
- * interval is kept to the millisecond) however many sessions there are. room_lock held.
+ * Timers. Each open session has one deadline: when to ping, when the client's silence
+ * ends it, or when the layer above wanted to look at it again. In a heap (see small
+ * tools), so heartbeats are as punctual as Node's (a 300 ms ping interval is kept to the
+ * millisecond) however many sessions there are. room_lock held.
  */
-static int timer_heap[MAX_SESSIONS];
-static int timer_count;
-
-static bool timer_before(int a, int b) { return sessions[a].timer_at < sessions[b].timer_at; }
-
-static void timer_place(int pos, int idx)
-{
-	timer_heap[pos] = idx;
-	sessions[idx].heap_pos = pos;
-}
-
-static void timer_sift_up(int pos)
-{
-	int idx = timer_heap[pos];
-	while (pos > 0 && timer_before(idx, timer_heap[(pos - 1) / 2])) {
-		timer_place(pos, timer_heap[(pos - 1) / 2]);
-		pos = (pos - 1) / 2;
-	}
-	timer_place(pos, idx);
-}
-
-static void timer_sift_down(int pos)
-{
-	int idx = timer_heap[pos];
-	for (;;) {
-		int child = 2 * pos + 1;
-		if (child >= timer_count)
-			break;
-		if (child + 1 < timer_count && timer_before(timer_heap[child + 1], timer_heap[child]))
-			child++;
-		if (!timer_before(timer_heap[child], idx))
-			break;
-		timer_place(pos, timer_heap[child]);
-		pos = child;
-	}
-	timer_place(pos, idx);
-}
+static struct timer *session_timer(int index) { return &sessions[index].timer; }
+static int session_heap_items[MAX_SESSIONS];
+static struct timer_heap session_timers = {session_heap_items, 0, session_timer};
 
 static void timer_set(struct session *s, int64_t at)
 {
-	s->timer_at = at;
-	if (s->heap_pos < 0) {
-		timer_place(timer_count++, s->index);
-		timer_sift_up(timer_count - 1);
-	} else {
-		timer_sift_up(s->heap_pos);
-		timer_sift_down(s->heap_pos);
-	}
-	if (s->heap_pos == 0)
+	if (heap_set(&session_timers, s->index, at))
 		wire_wake(); /* it sleeps until the earliest timer, which this now is */
 }
 
-static void timer_cancel(struct session *s)
-{
-	int pos = s->heap_pos;
-	if (pos < 0)
-		return;
-	s->heap_pos = -1;
-	if (--timer_count == pos)
-		return;
-	timer_place(pos, timer_heap[timer_count]);
-	timer_sift_up(pos);
-	timer_sift_down(sessions[timer_heap[pos]].heap_pos);
-}
+static void timer_cancel(struct session *s) { heap_cancel(&session_timers, s->index); }
 
 /* The session's timer is due at the earlier of its heartbeat and its layer's deadline. */
 static void session_timer_update(struct session *s)
@@ -1762,18 +2273,8 @@ static void session_deadline(struct session *s, int64_t at)
 /* The session whose timer is due first, or NULL if none is due by `now`. */
 static struct session *timer_due(int64_t now)
 {
-	if (timer_count == 0 || sessions[timer_heap[0]].timer_at > now)
-		return NULL;
-	return &sessions[timer_heap[0]];
-}
-
-/* Milliseconds until the next timer, or -1 if there is none. */
-static int timer_wait_ms(int64_t now)
-{
-	if (timer_count == 0)
-		return -1;
-	int64_t d = sessions[timer_heap[0]].timer_at - now;
-	return d < 0 ? 0 : d > 60000 ? 60000 : (int)d;
+	int i = heap_due(&session_timers, now);
+	return i < 0 ? NULL : &sessions[i];
 }
 
 /*
@@ -1791,16 +2292,19 @@ static void session_close(struct session *s, const char *reason)
 	sessions_open--;
 	strmap_del(&sids, s->sid);
 	timer_cancel(s);
+	unsettled_remove(s);
+	s->settled = true;
+	if (s->peer >= 0) {
+		peers[s->peer].sessions--;
+		peer_let_go(s->peer);
+		s->peer = -1;
+	}
 	s->ep->app->on_close(s);
 	outq_clear(&s->q);
 	s->qbytes = 0;
 	pthread_cond_broadcast(s->wake);
-	if ((s->ws || s->probe) && !s->dirty) {
-		s->dirty = true; /* the wire thread will see it closed and close its sockets */
-		s->next_dirty = dirty_head;
-		dirty_head = s;
-		wire_wake();
-	}
+	if (s->ws || s->probe || s->poll)
+		session_mark_dirty(s); /* the wire thread closes its sockets, answers its GET */
 	session_release(s);
 }
 
@@ -1837,18 +2341,22 @@ static void room_unlock(void)
  *   protocol 3,     when the client did not ask for b64=1 and something is binary:
  *   binary body     <0 text | 1 binary> <length, one decimal digit a byte> 0xFF <packet>
  */
-static void put_binary_length(struct buf *out, int kind, size_t len)
+/* Protocol 3's binary body: <kind> <length, a digit a byte> 0xFF, before each packet. */
+static void gather_binary_length(struct gather *g, int kind, size_t len)
 {
-	char digits[24];
+	char digits[24], head[26];
 	int n = snprintf(digits, sizeof digits, "%zu", len);
-	buf_addc(out, (char)kind);
+	head[0] = (char)kind;
 	for (int i = 0; i < n; i++)
-		buf_addc(out, (char)(digits[i] - '0'));
-	buf_addc(out, (char)0xFF);
+		head[1 + i] = (char)(digits[i] - '0');
+	head[1 + n] = (char)0xFF;
+	gather_text(g, head, (size_t)n + 2);
 }
 
-/* Encodes packets as a long-poll response body. Returns true if the body is binary. */
-static bool payload_encode(struct buf *out, int eio, bool b64, const struct packet *pk, int n)
+/* Adds packets to g as a long-poll response body: the packets' own bytes are shared, not
+ * copied (binary ones in base64, encoded once for everyone). Returns true if the body is
+ * binary. */
+static bool payload_gather(struct gather *g, int eio, bool b64, const struct packet *pk, int n)
 {
 	bool any_binary = false;
 	for (int i = 0; i < n; i++)
@@ -1857,38 +2365,39 @@ static bool payload_encode(struct buf *out, int eio, bool b64, const struct pack
 	if (eio == 4) {
 		for (int i = 0; i < n; i++) {
 			if (i)
-				buf_addc(out, '\x1e');
+				gather_text(g, "\x1e", 1);
 			if (pk[i].binary) {
-				buf_addc(out, 'b');
-				base64_encode(out, (unsigned char *)pk[i].blob->data, pk[i].blob->len);
+				gather_text(g, "b", 1);
+				gather_blob(g, blob_base64(pk[i].blob));
 			} else {
-				buf_add(out, pk[i].blob->data, pk[i].blob->len);
+				gather_blob(g, pk[i].blob);
 			}
 		}
 		return false;
 	}
 	if (any_binary && !b64) {
 		for (int i = 0; i < n; i++) {
-			const struct blob *b = pk[i].blob;
 			if (pk[i].binary) {
-				put_binary_length(out, 1, b->len + 1);
-				buf_addc(out, 4);
+				gather_binary_length(g, 1, pk[i].blob->len + 1);
+				gather_text(g, "\x04", 1);
 			} else {
-				put_binary_length(out, 0, b->len);
+				gather_binary_length(g, 0, pk[i].blob->len);
 			}
-			buf_add(out, b->data, b->len);
+			gather_blob(g, pk[i].blob);
 		}
 		return true;
 	}
 	for (int i = 0; i < n; i++) {
-		const struct blob *b = pk[i].blob;
+		char prefix[32];
+		struct blob *b = pk[i].blob;
 		if (pk[i].binary) {
-			buf_printf(out, "%zu:b4", 2 + (b->len + 2) / 3 * 4);
-			base64_encode(out, (unsigned char *)b->data, b->len);
+			b = blob_base64(b);
+			snprintf(prefix, sizeof prefix, "%zu:b4", 2 + b->len);
 		} else {
-			buf_printf(out, "%zu:", utf16_length(b->data, b->len));
-			buf_add(out, b->data, b->len);
+			snprintf(prefix, sizeof prefix, "%zu:", utf16_length(b->data, b->len));
 		}
+		gather_text(g, prefix, strlen(prefix));
+		gather_blob(g, b);
 	}
 	return false;
 }
@@ -2033,11 +2542,12 @@ static struct blob *eio_open_packet(const struct session *s)
 	return blob;
 }
 
-/* Opens a session and queues its open packet. NULL when every place is taken.
- * room_lock held. */
-static struct session *eio_open(const struct endpoint *ep, int eio, enum transport t, bool b64)
+/* Opens a session and queues its open packet. NULL, with *refusal saying why, when the
+ * client's address holds its share or every place is taken. room_lock held. */
+static struct session *eio_open(const struct endpoint *ep, int eio, enum transport t, bool b64,
+                                int peer, const char **refusal)
 {
-	struct session *s = session_new(ep, eio, t);
+	struct session *s = session_new(ep, eio, t, peer, refusal);
 	if (!s)
 		return NULL;
 	s->b64 = b64;
@@ -2117,6 +2627,25 @@ static bool eio_heard(struct session *s, char type, const char *data, size_t len
 
 /* One packet from the client, by whatever transport. Returns false once the session is
  * closed, so that the rest of a long-poll body is ignored. room_lock NOT held. */
+/*
+ * The inbound budget. What a client sends costs its bytes, plus PACKET_IN_COST a packet
+ * so that a stream of tiny packets is not free, against --inbound-rate a second, in
+ * bursts of a whole message. A client in debt is not read until it is even again: a
+ * WebSocket's socket is left unread (wire thread), a POST's body is not read (wire
+ * thread, make's build); a POST whose packets alone would go a whole burst into debt
+ * ends its session. So one client cannot push the room faster than a slow member
+ * reads, nor take more than its share of the wire thread.
+ */
+static double inbound_burst(void) { return (double)opt.max_payload + 64 * 1024; }
+
+/* Takes n from a budget; returns the balance (unlimited: always 0). */
+static double inbound_take(struct bucket *b, size_t n)
+{
+	if (opt.inbound_rate == 0)
+		return 0;
+	return bucket_take(b, (double)opt.inbound_rate, inbound_burst(), (double)n, now_ms());
+}
+
 static bool eio_receive(struct session *s, char type, const char *data, size_t len, bool binary)
 {
 	room_lock_acquire();
@@ -2138,16 +2667,13 @@ static bool eio_receive(struct session *s, char type, const char *data, size_t l
 	return open;
 }
 
-/* ================================= long-polling ================================= */
+/* ===================================== HTTP ===================================== */
 /*
- * A long-poll GET waits on its session's condition variable until there is something to
- * send, then takes the whole queue and answers with it; a POST carries packets in. Both
- * run on civetweb workers and block only themselves: the response to a slow client is
- * written outside room_lock, and only that client's worker waits for it.
- *
- * While a GET waits, its socket is watched by the wire thread: a client that gives up on
- * its long-poll (closes the connection) ends its session at once, as with Node, instead of
- * lingering until the heartbeat notices.
+ * What an answer says, whoever writes it. An answer says "Connection: close" whenever
+ * the connection will be closed after it -- the client asked for that, or sent HTTP/1.0
+ * without keep-alive, or we decided it -- and nothing when the connection stays (RFC 9112,
+ * section 9.6): a client that reuses a connection we closed without saying so fails its
+ * next request ("socket hang up" in Node).
  */
 enum eio_error { E_TRANSPORT, E_SID, E_METHOD, E_REQUEST, E_FORBIDDEN, E_VERSION };
 static const char *const eio_error_text[] = {
@@ -2165,39 +2691,1056 @@ static const char *http_status_text(int status)
 	case 403: return "Forbidden";
 	case 404: return "Not Found";
 	case 405: return "Method Not Allowed";
+	case 411: return "Length Required";
 	case 413: return "Payload Too Large";
+	case 429: return "Too Many Requests";
+	case 431: return "Request Header Fields Too Large";
 	case 503: return "Service Unavailable";
 	default: return "Error";
 	}
 }
 
-/* Tells civetweb to close the connection after this response instead of reading on. */
-static void http_close_after(struct mg_connection *c)
+/* Does a comma-separated header value hold this token (any case)? */
+static bool header_has_token(const char *value, const char *token)
 {
+	size_t n = strlen(token);
+	for (const char *p = value; *p;) {
+		while (*p == ' ' || *p == '\t' || *p == ',')
+			p++;
+		const char *end = p;
+		while (*end && *end != ',')
+			end++;
+		const char *last = end;
+		while (last > p && (last[-1] == ' ' || last[-1] == '\t'))
+			last--;
+		if ((size_t)(last - p) == n && strncasecmp(p, token, n) == 0)
+			return true;
+		p = end;
+	}
+	return false;
+}
+
+/* Does the request ask for its connection to close after the answer? */
+static bool request_wants_close(const char *http_version, const char *connection)
+{
+	if (connection && header_has_token(connection, "close"))
+		return true;
+	if (connection && header_has_token(connection, "keep-alive"))
+		return false;
+	return !http_version || strcmp(http_version, "1.1") != 0;
+}
+
+/* An answer: the head, then the body's pieces (taken from `body`, which is left empty),
+ * unless only the head is wanted (HEAD). */
+static void http_answer(struct gather *out, int status, const char *type, const char *headers,
+                        struct gather *body, bool close, bool head_only)
+{
+	struct buf head = {0};
+	buf_printf(&head, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+	                  "Cache-Control: no-store\r\n%s%s\r\n",
+	           status, http_status_text(status), type, body->len, headers ? headers : "",
+	           close ? "Connection: close\r\n" : "");
+	gather_text(out, head.p, head.len);
+	buf_free(&head);
+	for (int i = 0; i < body->n && !head_only; i++) {
+		if (body->piece[i].p)
+			gather_piece(out, body->piece[i].p, 0, body->piece[i].len);
+		else
+			gather_text(out, body->text.p + body->piece[i].at, body->piece[i].len);
+	}
+	for (int i = 0; i < body->nheld; i++)
+		out->held[out->nheld++] = body->held[i]; /* the references move */
+	body->nheld = 0;
+	gather_free(body);
+}
+
+static int wire_epfd = -1;
+static struct mg_context *http_ctx;
+
+/* epoll tags: what an event is about, which slot, and which use of that slot. */
+enum { TAG_WAKE = 1, TAG_WS = 2, TAG_HTTP = 3, TAG_LISTEN = 4 };
+
+static uint64_t epoll_tag(int kind, uint32_t gen, int index)
+{
+	return (uint64_t)kind << 56 | (uint64_t)(gen & 0xFFFFFF) << 32 | (uint32_t)index;
+}
+
 #if CIVETWEB_EMBEDDED
-	c->must_close = 1;
+/* ================================ HTTP connections ================================ */
+/*
+ * Every TCP connection comes to the wire thread first. It waits there -- costing a
+ * struct conn, not a thread -- while its request head arrives, while a POST body
+ * arrives, while it idles between keep-alive requests, and while a long-poll GET waits
+ * for packets. Only a whole request goes to a civetweb worker: the wire thread gives
+ * civetweb the socket (produce_socket, civetweb's own accept queue) and, when a worker
+ * takes it, the head already read, in civetweb's buffer (on_connection_open). civetweb
+ * parses and routes it; our handler answers at once, or asks to park its GET, and gives
+ * the socket back (conn_hand_back). The answer, made of shared blobs, is written here
+ * without blocking. So the worker pool is small and fixed, and a slow or silent client
+ * costs a few hundred bytes.
+ *
+ * Deadlines, as Node and nginx have them: a head must arrive within --header-timeout; an
+ * idle keep-alive connection waits KEEP_ALIVE_MS; a body, and an answer, must keep
+ * moving. When the table is full, the connection that has waited longest for a head
+ * makes way for the new one.
+ *
+ * A conn is the wire thread's, except while a worker has it (C_WORKER). The hand-back
+ * list crosses threads and is guarded by room_lock, as are peers and sessions.
+ */
+enum conn_state {
+	C_FREE,
+	C_HEAD,    /* waiting for a request head: a new connection, or idle between requests */
+	C_BODY,    /* a POST body is arriving */
+	C_WORKER,  /* a civetweb worker has the request */
+	C_PARKED,  /* a long-poll GET waits for its session's packets */
+	C_WRITING, /* an answer is going out */
+	C_LINGER,  /* closing: our FIN is out, the client's awaited */
+};
+
+struct conn {
+	enum conn_state state;
+	int index;
+	uint32_t gen;
+	int fd;
+	int peer;            /* its address's slot in peers[], -1 if none */
+	union usa lsa, rsa;  /* as civetweb's struct socket wants them */
+	struct timer timer;  /* the deadline of its state */
+	bool in_epoll;
+	int64_t request_at;  /* when the head of the current request began to arrive */
+
+	/* the request, at the front of `in` */
+	struct buf in;       /* read and not used yet: a head, a body, what follows */
+	size_t head_len;     /* once the head is whole */
+	size_t body_len;     /* its Content-Length, once the head is whole */
+	bool body_refused;   /* longer than --max-payload: not read, and the connection closes */
+
+	/* the answer */
+	struct gather out;
+	size_t sent;
+	bool close_after;
+	struct session *s;   /* the session of its long-poll GET */
+	uint32_t s_gen;
+	int eio;
+	bool b64;
+	char *headers;       /* the GET's extra headers (CORS), or NULL */
+	struct packet take[POLL_MAX_PACKETS]; /* what it will answer with */
+	int ntake;
+	size_t take_cost;    /* their queue cost, given back to the session once written */
+
+	bool paused;         /* its body is not read for now: its session is in inbound debt */
+	struct session *post_s; /* the session whose POST it carries */
+	uint32_t post_gen;
+	int older, newer;    /* the list of connections waiting for a head, oldest first */
+	struct conn *next_back;
+	bool back_park;      /* handed back asking to park its GET */
+	bool back_gone;      /* civetweb closed it (it answered a malformed request itself),
+	                        or it became a WebSocket: only the slot is left to free */
+};
+
+static struct conn conns[MAX_CONNS];
+static int conn_free_slots[MAX_CONNS], nconn_free, conns_high, conns_open;
+static int head_oldest = -1, head_newest = -1;
+static struct conn *conns_back; /* handed back by workers; room_lock */
+static atomic_int *conn_by_fd;  /* fd -> conn index + 1, 0: none */
+static int conn_fd_cap;
+static struct timer *conn_timer(int index) { return &conns[index].timer; }
+static int conn_heap_items[MAX_CONNS];
+static struct timer_heap conn_timers = {conn_heap_items, 0, conn_timer};
+
+static void conns_init(int fd_limit)
+{
+	conn_fd_cap = fd_limit < (1 << 22) ? fd_limit : 1 << 22;
+	conn_by_fd = calloc((size_t)conn_fd_cap, sizeof *conn_by_fd);
+	if (!conn_by_fd)
+		abort();
+}
+
+static struct conn *conn_of_fd(int fd)
+{
+	if (fd < 0 || fd >= conn_fd_cap)
+		return NULL;
+	int i = atomic_load_explicit(&conn_by_fd[fd], memory_order_acquire);
+	return i ? &conns[i - 1] : NULL;
+}
+
+static void conn_deadline(struct conn *c, int64_t at)
+{
+	if (at)
+		heap_set(&conn_timers, c->index, at);
+	else
+		heap_cancel(&conn_timers, c->index);
+}
+
+static void conn_watch(struct conn *c, uint32_t events)
+{
+	struct epoll_event ev = {.events = events, .data.u64 = epoll_tag(TAG_HTTP, c->gen, c->index)};
+	epoll_ctl(wire_epfd, c->in_epoll ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev);
+	c->in_epoll = true;
+}
+
+static void conn_unwatch(struct conn *c)
+{
+	if (c->in_epoll)
+		epoll_ctl(wire_epfd, EPOLL_CTL_DEL, c->fd, NULL);
+	c->in_epoll = false;
+}
+
+static void head_list_add(struct conn *c)
+{
+	c->older = head_newest;
+	c->newer = -1;
+	if (head_newest >= 0)
+		conns[head_newest].newer = c->index;
+	else
+		head_oldest = c->index;
+	head_newest = c->index;
+}
+
+static void head_list_remove(struct conn *c)
+{
+	if (c->state != C_HEAD)
+		return;
+	if (c->older >= 0)
+		conns[c->older].newer = c->newer;
+	else
+		head_oldest = c->newer;
+	if (c->newer >= 0)
+		conns[c->newer].older = c->older;
+	else
+		head_newest = c->older;
+}
+
+static void conn_set_state(struct conn *c, enum conn_state state)
+{
+	head_list_remove(c);
+	c->state = state;
+	if (state == C_HEAD)
+		head_list_add(c);
+}
+
+/* Buffers of ours that clients fill count against the memory budget. */
+static bool conn_in_reserve(struct conn *c, size_t more)
+{
+	size_t cap = c->in.cap;
+	if (c->in.len + more <= cap)
+		return true;
+	if (!mem_room_for(more))
+		return false;
+	buf_reserve(&c->in, more);
+	mem_take(c->in.cap - cap);
+	return true;
+}
+
+static void conn_in_free(struct conn *c)
+{
+	mem_give(c->in.cap);
+	buf_free(&c->in);
+}
+
+/* Drops the request at the front of `in`, keeping what came after it. */
+static void conn_in_consume(struct conn *c)
+{
+	size_t used = c->head_len + c->body_len;
+	used = used < c->in.len ? used : c->in.len;
+	memmove(c->in.p, c->in.p + used, c->in.len - used);
+	c->in.len -= used;
+	c->head_len = c->body_len = 0;
+	if (c->in.len == 0)
+		conn_in_free(c); /* an idle connection keeps no buffer */
+}
+
+static void conn_take_drop(struct conn *c)
+{
+	for (int i = 0; i < c->ntake; i++)
+		blob_unref(c->take[i].blob);
+	c->ntake = 0;
+}
+
+static void session_lost_answer(struct conn *c);
+
+/* The connection no longer carries a POST for its session. room_lock held. */
+static void post_ended(struct conn *c)
+{
+	struct session *s = c->post_s;
+	if (s && s->gen == c->post_gen && s->post_conn == c) {
+		s->post_active = false;
+		s->post_conn = NULL;
+	}
+	c->post_s = NULL;
+}
+
+/* Closes the connection and frees its slot. A long-poll GET that goes with it ends its
+ * session, as in Node: the client gave up, or its answer was lost. Wire thread. */
+static void conn_close(struct conn *c)
+{
+	head_list_remove(c);
+	heap_cancel(&conn_timers, c->index);
+	if (c->fd >= 0) {
+		conn_unwatch(c);
+		atomic_store_explicit(&conn_by_fd[c->fd], 0, memory_order_release);
+		close(c->fd);
+		c->fd = -1;
+	}
+	conn_in_free(c);
+	gather_free(&c->out);
+	conn_take_drop(c);
+	free(c->headers);
+	c->headers = NULL;
+	room_lock_acquire();
+	if (c->state == C_PARKED || (c->state == C_WRITING && c->s))
+		session_lost_answer(c);
+	post_ended(c);
+	if (c->peer >= 0) {
+		peers[c->peer].conns--;
+		peer_let_go(c->peer);
+		c->peer = -1;
+	}
+	room_unlock();
+	c->state = C_FREE;
+	c->s = NULL;
+	conn_free_slots[nconn_free++] = c->index;
+	conns_open--;
+}
+
+/* A free slot; when there is none, the connection waiting longest for a head goes. */
+static struct conn *conn_alloc(void)
+{
+	int index;
+	if (nconn_free == 0 && conns_high == MAX_CONNS && head_oldest >= 0)
+		conn_close(&conns[head_oldest]);
+	if (nconn_free > 0)
+		index = conn_free_slots[--nconn_free];
+	else if (conns_high < MAX_CONNS)
+		index = conns_high++;
+	else
+		return NULL;
+	struct conn *c = &conns[index];
+	uint32_t gen = c->gen + 1;
+	memset(c, 0, sizeof *c);
+	c->index = index;
+	c->gen = gen;
+	c->fd = -1;
+	c->peer = -1;
+	c->timer.pos = -1;
+	c->older = c->newer = -1;
+	conns_open++;
+	return c;
+}
+
+/* A refusal written at once, best effort, before we close: the connection never became
+ * ours, so nothing waits for the client to read it. */
+static void refuse_at_once(int fd, int status)
+{
+	char text[160];
+	int n = snprintf(text, sizeof text, "HTTP/1.1 %d %s\r\nConnection: close\r\n"
+	                 "Content-Length: 0\r\n\r\n", status, http_status_text(status));
+	ssize_t w = send(fd, text, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+	(void)w;
+	close(fd);
+}
+
+static void conn_wait_head(struct conn *c, int64_t deadline)
+{
+	conn_set_state(c, C_HEAD);
+	c->request_at = 0;
+	conn_deadline(c, deadline);
+	conn_watch(c, EPOLLIN | EPOLLRDHUP);
+}
+
+/* A new connection from the accept queue. Wire thread. */
+static void conn_open(int fd, const struct sockaddr_storage *ra, socklen_t ralen)
+{
+	char key[PEER_KEY_MAX];
+	peer_key((const struct sockaddr *)ra, key);
+	room_lock_acquire();
+	int peer = stopping ? -1 : peer_get(key);
+	bool over = peer < 0 || peers[peer].conns >= opt.conns_per_address;
+	if (!over)
+		peers[peer].conns++;
+	room_unlock();
+	struct conn *c = over || fd >= conn_fd_cap ? NULL : conn_alloc();
+	if (!c) {
+		if (!over) {
+			room_lock_acquire();
+			peers[peer].conns--;
+			peer_let_go(peer);
+			room_unlock();
+		}
+		refuse_at_once(fd, 503);
+		return;
+	}
+	c->fd = fd;
+	c->peer = peer;
+	memcpy(&c->rsa, ra, ralen < sizeof c->rsa ? ralen : sizeof c->rsa);
+	socklen_t llen = sizeof c->lsa;
+	getsockname(fd, &c->lsa.sa, &llen);
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+	atomic_store_explicit(&conn_by_fd[fd], c->index + 1, memory_order_release);
+	conn_wait_head(c, now_ms() + opt.header_timeout);
+}
+
+static void conn_start_answer(struct conn *c);
+
+/* Answers with a status of our own, and closes: a request we will not hand on. */
+static void conn_refuse(struct conn *c, int status)
+{
+	struct gather body = {0};
+	const char *text = http_status_text(status);
+	gather_text(&body, text, strlen(text));
+	http_answer(&c->out, status, "text/plain", NULL, &body, true, false);
+	c->close_after = true;
+	conn_start_answer(c);
+}
+
+/* Where a request head ends ("\r\n\r\n", or "\n\n" as civetweb also takes), or 0. */
+static size_t head_end(const char *p, size_t n)
+{
+	for (size_t i = 1; i < n; i++) {
+		if (p[i] != '\n')
+			continue;
+		if (p[i - 1] == '\n')
+			return i + 1;
+		if (i >= 2 && p[i - 1] == '\r' && p[i - 2] == '\n')
+			return i + 1;
+	}
+	return 0;
+}
+
+/* The framing of a whole head, which is all the wire thread needs to know of it: the
+ * length of its body. civetweb parses it properly once a worker has it. Returns an HTTP
+ * status to refuse it with, or 0. */
+static int head_framing(const char *p, size_t n, size_t *body_len)
+{
+	*body_len = 0;
+	bool have_length = false;
+	const char *end = p + n;
+	const char *line = memchr(p, '\n', n); /* the request line is civetweb's to judge */
+	while (line && ++line < end) {
+		const char *eol = memchr(line, '\n', (size_t)(end - line));
+		if (!eol)
+			break;
+		const char *colon = memchr(line, ':', (size_t)(eol - line));
+		size_t name = colon ? (size_t)(colon - line) : 0;
+		const char *v = colon ? colon + 1 : eol;
+		while (v < eol && (*v == ' ' || *v == '\t'))
+			v++;
+		if (name == 14 && strncasecmp(line, "Content-Length", 14) == 0) {
+			uint64_t len = 0;
+			const char *d = v;
+			for (; d < eol && *d >= '0' && *d <= '9'; d++) {
+				if (len > (UINT64_MAX - 9) / 10)
+					return 400;
+				len = len * 10 + (uint64_t)(*d - '0');
+			}
+			while (d < eol && (*d == ' ' || *d == '\t' || *d == '\r'))
+				d++;
+			if (d == v || d != eol || (have_length && len != *body_len) || len > SIZE_MAX / 2)
+				return 400;
+			*body_len = (size_t)len;
+			have_length = true;
+		} else if (name == 17 && strncasecmp(line, "Transfer-Encoding", 17) == 0) {
+			return 411; /* no Socket.IO client sends a chunked body */
+		}
+		line = eol;
+	}
+	return 0;
+}
+
+/* Hands the whole request to a civetweb worker. civetweb's queue holds every
+ * connection there is, so this never waits. */
+static void conn_to_worker(struct conn *c)
+{
+	conn_unwatch(c);
+	conn_set_state(c, C_WORKER);
+	conn_deadline(c, 0);
+	struct socket so;
+	memset(&so, 0, sizeof so);
+	so.sock = c->fd;
+	so.lsa = c->lsa;
+	so.rsa = c->rsa;
+	produce_socket(http_ctx, &so);
+}
+
+/* The session a POST's head names, if any. room_lock held. */
+static struct session *post_session(const char *head, size_t n)
+{
+	const char *eol = memchr(head, '\n', n);
+	if (!eol || strncmp(head, "POST ", 5) != 0)
+		return NULL;
+	const char *p = memchr(head, '?', (size_t)(eol - head));
+	while (p && p < eol) {
+		p++;
+		if (strncmp(p, "sid=", 4) == 0) {
+			const char *v = p + 4, *e = v;
+			while (e < eol && *e != '&' && *e != ' ')
+				e++;
+			if (e - v != SID_LEN)
+				return NULL;
+			char sid[SID_LEN + 1];
+			memcpy(sid, v, SID_LEN);
+			sid[SID_LEN] = 0;
+			return session_find(sid);
+		}
+		p = memchr(p, '&', (size_t)(eol - p));
+	}
+	return NULL;
+}
+
+/* A POST for a session begins when its head is whole, as in Node: a second one before it
+ * is answered is an overlap (the worker tells). Its session may be in inbound debt: then
+ * the body is not read until it is even again. Returns true if it waits. */
+static bool conn_post_begins(struct conn *c)
+{
+	room_lock_acquire();
+	struct session *s = post_session(c->in.p, c->head_len);
+	if (s && !s->post_active) {
+		s->post_active = true;
+		s->post_conn = c;
+		c->post_s = s;
+		c->post_gen = s->gen;
+	}
+	bool debt = s && opt.inbound_rate && s->inbound.tokens < 0;
+	int64_t even = debt ? bucket_even_at(&s->inbound, (double)opt.inbound_rate) : 0;
+	room_unlock();
+	c->paused = debt;
+	if (debt) {
+		conn_watch(c, EPOLLRDHUP);
+		conn_deadline(c, even);
+	}
+	return debt;
+}
+
+/* Still in debt after a pause? */
+static bool conn_pause_for_debt(struct conn *c)
+{
+	room_lock_acquire();
+	struct session *s = c->post_s && c->post_s->gen == c->post_gen ? c->post_s : NULL;
+	bool debt = s && s->inbound.tokens < 0 &&
+	            bucket_take(&s->inbound, (double)opt.inbound_rate, inbound_burst(), 0, now_ms()) < 0;
+	int64_t even = debt ? bucket_even_at(&s->inbound, (double)opt.inbound_rate) : 0;
+	room_unlock();
+	c->paused = debt;
+	if (debt) {
+		conn_watch(c, EPOLLRDHUP);
+		conn_deadline(c, even);
+	}
+	return debt;
+}
+
+/* What `in` holds now may complete a head, or a body: then on to a worker. */
+static void conn_advance(struct conn *c)
+{
+	int64_t now = now_ms();
+	if (c->state == C_HEAD) {
+		if (c->in.len == 0)
+			return;
+		if (!c->request_at) { /* an idle connection's next request: its head has a deadline */
+			c->request_at = now;
+			conn_deadline(c, now + opt.header_timeout);
+		}
+		size_t end = head_end(c->in.p, c->in.len < HEAD_MAX ? c->in.len : HEAD_MAX);
+		if (!end) {
+			if (c->in.len >= HEAD_MAX)
+				conn_refuse(c, 431);
+			return;
+		}
+		int refusal = head_framing(c->in.p, end, &c->body_len);
+		if (refusal) {
+			conn_refuse(c, refusal);
+			return;
+		}
+		c->head_len = end;
+		if (c->body_len > opt.max_payload) { /* the handler refuses it, unread */
+			c->body_refused = true;
+			c->body_len = 0;
+		}
+		conn_set_state(c, C_BODY);
+		if (conn_post_begins(c))
+			return;
+	}
+	if (c->state != C_BODY || c->paused)
+		return;
+	if (c->in.len >= c->head_len + c->body_len)
+		conn_to_worker(c);
+	else
+		conn_deadline(c, now + BODY_STALL_MS); /* it moves: so does the stall deadline */
+}
+
+/* The socket is readable. Reads at most what the request may still need (a head of
+ * HEAD_MAX, the rest of a body) and 64 KiB a round: one client's share. Wire thread. */
+static void conn_read(struct conn *c)
+{
+	size_t want, request = c->head_len + c->body_len;
+	if (c->state == C_HEAD)
+		want = HEAD_MAX - (c->in.len < HEAD_MAX ? c->in.len : HEAD_MAX);
+	else if (c->state == C_BODY)
+		want = request > c->in.len ? request - c->in.len : 0;
+	else
+		want = 65536; /* lingering: what comes is dropped */
+	want = want > 65536 ? 65536 : want;
+	if (want == 0) {
+		conn_advance(c);
+		return;
+	}
+	if (c->state == C_LINGER) {
+		static char drain[65536];
+		ssize_t n = recv(c->fd, drain, sizeof drain, MSG_DONTWAIT);
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+			conn_close(c);
+		return;
+	}
+	if (!conn_in_reserve(c, want)) {
+		conn_refuse(c, 503); /* the memory budget is spent */
+		return;
+	}
+	ssize_t n = recv(c->fd, c->in.p + c->in.len, want, MSG_DONTWAIT);
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (n <= 0) {
+		conn_close(c);
+		return;
+	}
+	c->in.len += (size_t)n;
+	conn_advance(c);
+}
+
+/* The answer is written: keep the connection for its next request, or close it. */
+static void conn_answered(struct conn *c)
+{
+	gather_free(&c->out);
+	c->sent = 0;
+	if (c->s) {
+		room_lock_acquire();
+		struct session *s = c->s;
+		if (s->gen == c->s_gen && s->state == S_OPEN)
+			s->qbytes -= c->take_cost;
+		c->s = NULL;
+		room_unlock();
+	}
+	if (c->close_after || stopping) {
+		shutdown(c->fd, SHUT_WR); /* then read until the client's FIN, so it sees it all */
+		conn_set_state(c, C_LINGER);
+		conn_deadline(c, now_ms() + CLOSE_LINGER_MS);
+		conn_watch(c, EPOLLIN | EPOLLRDHUP);
+		return;
+	}
+	conn_in_consume(c);
+	conn_wait_head(c, now_ms() + KEEP_ALIVE_MS);
+	conn_advance(c); /* the next request may be here already */
+}
+
+/* Writes what the socket takes. Wire thread, no lock. */
+static void conn_write(struct conn *c)
+{
+	while (c->sent < c->out.len) {
+		struct iovec iov[GATHER_PIECES];
+		struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)gather_iov(&c->out, c->sent, iov)};
+		ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			conn_watch(c, EPOLLOUT | EPOLLRDHUP);
+			conn_deadline(c, now_ms() + WRITE_STALL_MS);
+			return;
+		}
+		if (n < 0) {
+			conn_close(c);
+			return;
+		}
+		c->sent += (size_t)n;
+	}
+	conn_answered(c);
+}
+
+static void conn_start_answer(struct conn *c)
+{
+	conn_set_state(c, C_WRITING);
+	c->sent = 0;
+	conn_deadline(c, now_ms() + WRITE_STALL_MS);
+	conn_write(c);
+}
+
+/* ---- long-poll GETs the wire thread holds ---- */
+
+static int poll_take(struct session *s, struct packet *pk, size_t *cost);
+
+/* Takes what the GET will answer with: its session's packets, or a close packet if the
+ * session is gone. room_lock held. */
+static void conn_poll_take(struct conn *c)
+{
+	struct session *s = c->s;
+	if (s && s->gen == c->s_gen && s->state != S_FREE) {
+		c->ntake = poll_take(s, c->take, &c->take_cost);
+		if (s->poll == c)
+			s->poll = NULL;
+		session_release(s);
+		if (s->state != S_OPEN)
+			c->s = NULL;
+	} else {
+		c->take[0] = (struct packet){blob_of("1", 1), false};
+		c->ntake = 1;
+		c->take_cost = 0;
+		c->s = NULL;
+	}
+	conn_set_state(c, C_WRITING); /* no longer parked: a hang-up now costs nothing more */
+}
+
+/* Builds the GET's answer from what it took, and writes it. Wire thread, no lock. */
+static void conn_poll_answer(struct conn *c)
+{
+	struct gather body = {0};
+	bool binary = payload_gather(&body, c->eio, c->b64, c->take, c->ntake);
+	conn_take_drop(c); /* the gather holds its own references */
+	http_answer(&c->out, 200, binary ? "application/octet-stream" : "text/plain; charset=UTF-8",
+	            c->headers, &body, c->close_after, false);
+	free(c->headers);
+	c->headers = NULL;
+	conn_start_answer(c);
+}
+
+/* A GET handed back to be parked: it waits for packets, unless it can be answered now.
+ * While a WebSocket probe is under way it waits 100 ms at most, as Node's upgrade check
+ * does, and is then released (with noop, if nothing else). Wire thread. */
+static void conn_park(struct conn *c)
+{
+	room_lock_acquire();
+	struct session *s = c->s;
+	bool now = s->gen != c->s_gen || s->state != S_OPEN || s->transport != POLLING || s->q.count;
+	if (now) {
+		conn_poll_take(c);
+		room_unlock();
+		conn_poll_answer(c);
+		return;
+	}
+	s->poll = c;
+	conn_set_state(c, C_PARKED);
+	conn_deadline(c, s->probed ? now_ms() + 100 : 0);
+	room_unlock();
+	conn_watch(c, EPOLLRDHUP); /* a hang-up ends the session at once */
+}
+
+/* A parked or half-written long-poll answer is lost: the session goes. room_lock held. */
+static void session_lost_answer(struct conn *c)
+{
+	struct session *s = c->s;
+	if (!s || s->gen != c->s_gen)
+		return;
+	if (s->poll == c)
+		s->poll = NULL;
+	if (c->state == C_PARKED)
+		s->get_active = false;
+	session_close(s, "transport error");
+	session_release(s);
+	c->s = NULL;
+}
+
+/* A deadline of the connection's state has come. Wire thread. */
+static void conn_timeout(struct conn *c)
+{
+	if (c->state == C_PARKED) { /* released for an upgrade */
+		room_lock_acquire();
+		conn_poll_take(c);
+		room_unlock();
+		conn_poll_answer(c);
+	} else if (c->state == C_BODY && c->paused) { /* its session may be even again */
+		c->paused = false;
+		if (!conn_pause_for_debt(c)) {
+			conn_watch(c, EPOLLIN | EPOLLRDHUP);
+			conn_advance(c);
+		}
+	} else {
+		/* no head in time, idle too long, a stalled body or answer, lingered enough */
+		conn_close(c);
+	}
+}
+
+/* Connections the workers are done with. Wire thread. */
+static void conns_take_back(void)
+{
+	room_lock_acquire();
+	struct conn *list = conns_back;
+	conns_back = NULL;
+	room_unlock();
+	while (list) {
+		struct conn *c = list;
+		list = c->next_back;
+		if (c->back_gone) {
+			c->state = C_WORKER;
+			conn_close(c); /* its socket is civetweb's or a WebSocket's now */
+		} else if (c->back_park) {
+			conn_park(c);
+		} else {
+			conn_start_answer(c);
+		}
+	}
+}
+
+/* ---- the worker's side ---- */
+
+/* civetweb's worker starts on a connection: the head we read goes into its buffer, as if
+ * it had read it itself. (civetweb's init_connection callback.) */
+static int on_connection_open(const struct mg_connection *mc, void **data)
+{
+	struct mg_connection *m = (struct mg_connection *)mc;
+	struct conn *c = conn_of_fd(m->client.sock);
+	*data = c;
+	if (c && c->state == C_WORKER && c->head_len <= (size_t)m->buf_size) {
+		memcpy(m->buf, c->in.p, c->head_len);
+		m->data_len = (int)c->head_len;
+	}
+	return 0;
+}
+
+static struct conn *conn_of_request(struct mg_connection *mc)
+{
+	return mg_get_user_connection_data(mc);
+}
+
+/* Takes the socket out of civetweb, which then has nothing to close and frees the worker. */
+static void civetweb_let_go(struct mg_connection *mc)
+{
+	mg_lock_connection(mc);
+	mc->client.sock = INVALID_SOCKET;
+	mc->must_close = 1;
+	mg_unlock_connection(mc);
+}
+
+/* The worker is done: the connection goes back to the wire thread, with its answer in
+ * c->out, or asking to park its GET. */
+static void conn_hand_back(struct mg_connection *mc, struct conn *c, bool park)
+{
+	civetweb_let_go(mc);
+	room_lock_acquire();
+	c->back_park = park;
+	c->next_back = conns_back;
+	conns_back = c;
+	room_unlock();
+	wire_wake();
+}
+
+/* The connection is a WebSocket's now: its socket, its address count and the bytes that
+ * came behind the request go to the WebSocket; only the slot goes back. */
+static void conn_became_websocket(struct mg_connection *mc, struct conn *c, struct buf *early,
+                                  int *peer)
+{
+	civetweb_let_go(mc);
+	size_t used = c->head_len + c->body_len;
+	if (c->in.len > used)
+		buf_add(early, c->in.p + used, c->in.len - used);
+	*peer = c->peer;
+	c->peer = -1;
+	atomic_store_explicit(&conn_by_fd[c->fd], 0, memory_order_release);
+	c->fd = -1;
+	room_lock_acquire();
+	c->back_gone = true;
+	c->next_back = conns_back;
+	conns_back = c;
+	room_unlock();
+	wire_wake();
+}
+
+/* civetweb closes a connection. If it still has the socket, it answered by itself (a
+ * malformed request): our conn has only its slot left to free. (connection_close.) */
+static void on_connection_close(const struct mg_connection *mc)
+{
+	struct conn *c = mg_get_user_connection_data(mc);
+	if (!c || mc->client.sock == INVALID_SOCKET)
+		return; /* handed back already */
+	atomic_store_explicit(&conn_by_fd[c->fd], 0, memory_order_release);
+	c->fd = -1; /* civetweb closes it */
+	room_lock_acquire();
+	c->back_gone = true;
+	c->next_back = conns_back;
+	conns_back = c;
+	room_unlock();
+	wire_wake();
+}
+
+/* ---- listening ---- */
+
+static int listeners[2], nlisteners;
+static int64_t listen_paused_until; /* out of file descriptors: accept again then */
+
+static void listeners_watch(uint32_t events)
+{
+	for (int i = 0; i < nlisteners; i++) {
+		struct epoll_event ev = {.events = events, .data.u64 = epoll_tag(TAG_LISTEN, 0, i)};
+		epoll_ctl(wire_epfd, EPOLL_CTL_MOD, listeners[i], &ev);
+	}
+}
+
+/* Takes new connections, 64 at most a round. Wire thread. */
+static void conns_accept(int listener)
+{
+	for (int i = 0; i < 64; i++) {
+		struct sockaddr_storage ra;
+		socklen_t ralen = sizeof ra;
+		int fd = accept4(listener, (struct sockaddr *)&ra, &ralen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd >= 0) {
+			conn_open(fd, &ra, ralen);
+			continue;
+		}
+		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+			listeners_watch(0); /* the queue waits in the kernel until fds are free */
+			listen_paused_until = now_ms() + 100;
+		}
+		return;
+	}
+}
+
+/* Closes the listening sockets: no new connections, at shutdown. Wire thread. */
+static void listeners_close(void)
+{
+	for (int i = 0; i < nlisteners; i++) {
+		epoll_ctl(wire_epfd, EPOLL_CTL_DEL, listeners[i], NULL);
+		close(listeners[i]);
+	}
+	nlisteners = 0;
+}
+
+/* Closes every connection that is not busy with an answer. At shutdown. Wire thread. */
+static void conns_close_idle(void)
+{
+	for (int i = 0; i < conns_high; i++)
+		if (conns[i].state == C_HEAD || conns[i].state == C_BODY)
+			conn_close(&conns[i]);
+}
+
+/* Events for a connection. Wire thread. */
+static void conn_event(uint32_t gen, int index, uint32_t events)
+{
+	struct conn *c = &conns[index];
+	if (c->state == C_FREE || c->state == C_WORKER || (c->gen & 0xFFFFFF) != gen)
+		return;
+	if (c->state == C_PARKED || c->paused) {
+		if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+			conn_close(c); /* the client gave up on its long-poll, or its POST */
+		return;
+	}
+	if (c->state == C_WRITING) {
+		if (events & (EPOLLHUP | EPOLLERR))
+			conn_close(c);
+		else if (events & EPOLLOUT)
+			conn_write(c);
+		return;
+	}
+	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		conn_read(c);
+}
+
+/* Handles due deadlines; returns ms until the next, or -1. Wire thread. */
+static int conns_deadlines(int64_t now)
+{
+	int i;
+	while ((i = heap_due(&conn_timers, now)) >= 0) {
+		heap_cancel(&conn_timers, i);
+		conn_timeout(&conns[i]);
+	}
+	return heap_wait_ms(&conn_timers, now);
+}
+#endif /* CIVETWEB_EMBEDDED */
+
+/* ================================= long-polling ================================= */
+/*
+ * A GET takes what its session has queued -- at most POLL_MAX_PACKETS packets, as
+ * python-engineio refuses more -- or waits for it; a POST carries packets in. In make's
+ * build a waiting GET is parked with the wire thread (see HTTP connections) and the
+ * worker goes back to the pool at once. Built against Debian's libcivetweb, whose
+ * connections cannot leave their worker, the worker waits on its session's condition
+ * variable instead; the wire thread cannot see that client hang up, and the heartbeat
+ * finds it. Either way only that client waits.
+ */
+
+/* What a long-poll answer carries: up to POLL_MAX_PACKETS queued packets, or a close
+ * packet if the session closed (noop if the client closed it), or noop when released for
+ * an upgrade. Their queue cost stays counted until the answer is written: *cost says how
+ * much to give back then. room_lock held. */
+static int poll_take(struct session *s, struct packet *pk, size_t *cost)
+{
+	int n = 0;
+	*cost = 0;
+	if (s->state == S_OPEN && s->transport == POLLING) {
+		while (s->q.count && n < POLL_MAX_PACKETS) {
+			pk[n] = outq_pop(&s->q);
+			*cost += packet_cost(pk[n]);
+			n++;
+		}
+	}
+	if (n == 0) {
+		bool close = s->state != S_OPEN && !s->closed_by_client;
+		pk[n++] = (struct packet){blob_of(close ? "1" : "6", 1), false};
+	}
+	s->get_active = false;
+	return n;
+}
+
+static _Thread_local bool answer_closes; /* decided for this request: see http_close_after */
+
+/* We decide to close the connection after this answer. */
+static void http_close_after(struct mg_connection *mc)
+{
+	answer_closes = true;
+#if CIVETWEB_EMBEDDED
+	mc->must_close = 1;
 #else
-	mg_disable_keep_alive(c); /* Debian's libcivetweb has it */
+	mg_disable_keep_alive(mc); /* Debian's libcivetweb has it */
 #endif
 }
 
-/* Sends a whole response: head and body in one write when the body is small. */
-static int http_reply(struct mg_connection *c, int status, const char *type,
-                      const char *extra_headers, const void *body, size_t len)
+/* Will the connection be closed after our answer? */
+static bool http_closing(struct mg_connection *mc)
 {
-	struct buf r = {0};
-	buf_printf(&r, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-	               "Cache-Control: no-store\r\n%s\r\n",
-	           status, http_status_text(status), type, len, extra_headers ? extra_headers : "");
-	if (len <= 65536) {
-		buf_add(&r, body, len);
-		mg_write(c, r.p, r.len);
-	} else {
-		mg_write(c, r.p, r.len);
-		mg_write(c, body, len);
+	const struct mg_request_info *ri = mg_get_request_info(mc);
+	if (answer_closes || stopping)
+		return true;
+	if (request_wants_close(ri->http_version, mg_get_header(mc, "Connection")))
+		return true;
+#if CIVETWEB_EMBEDDED
+	struct conn *c = conn_of_request(mc);
+	return !c || c->body_refused;
+#else
+	return false;
+#endif
+}
+
+/* Sends an answer: its head, then `body` (whose pieces it takes). In make's build the
+ * connection goes back to the wire thread to write it; otherwise civetweb writes it,
+ * a piece at a time. Returns the status, as civetweb's handlers do. */
+static int http_send(struct mg_connection *mc, int status, const char *type, const char *headers,
+                     struct gather *body)
+{
+	bool close = http_closing(mc);
+	bool head_only = strcmp(mg_get_request_info(mc)->request_method, "HEAD") == 0;
+#if CIVETWEB_EMBEDDED
+	struct conn *c = conn_of_request(mc);
+	if (c) {
+		http_answer(&c->out, status, type, headers, body, close, head_only);
+		c->close_after = close;
+		conn_hand_back(mc, c, false);
+		return status;
 	}
-	buf_free(&r);
+#endif
+	struct gather answer = {0};
+	http_answer(&answer, status, type, headers, body, close, head_only);
+	struct iovec iov[GATHER_PIECES];
+	int n = gather_iov(&answer, 0, iov);
+	for (int i = 0; i < n; i++)
+		mg_write(mc, iov[i].iov_base, iov[i].iov_len);
+	gather_free(&answer);
+	if (close)
+		http_close_after(mc);
 	return status;
+}
+
+/* The same, for a body given as bytes. */
+static int http_reply(struct mg_connection *mc, int status, const char *type,
+                      const char *headers, const void *body, size_t len)
+{
+	struct gather g = {0};
+	gather_text(&g, body, len);
+	return http_send(mc, status, type, headers, &g);
 }
 
 static int eio_error_reply(struct mg_connection *c, enum eio_error code, const char *headers)
@@ -2209,56 +3752,41 @@ static int eio_error_reply(struct mg_connection *c, enum eio_error code, const c
 	                  (size_t)n);
 }
 
-static int wire_epfd = -1;
-
-/* epoll tags: what an event is about, which slot, and which use of that slot. */
-enum { TAG_WAKE = 1, TAG_WS = 2, TAG_GET = 3 };
-
-static uint64_t epoll_tag(int kind, uint32_t gen, int index)
-{
-	return (uint64_t)kind << 56 | (uint64_t)(gen & 0xFFFFFF) << 32 | (uint32_t)index;
-}
-
-/* The socket under a civetweb connection, when we can know it. */
-static int connection_fd(struct mg_connection *c)
-{
 #if CIVETWEB_EMBEDDED
-	return c->client.sock;
-#else
-	(void)c;
-	return -1; /* Debian's library hides it: a vanished long-poller waits for the heartbeat */
-#endif
-}
-
-/* Starts or stops watching a parked GET's socket for the client hanging up. room_lock held. */
-static void get_watch(struct session *s, int fd)
-{
-	if (fd < 0)
-		return;
-	struct epoll_event ev = {.events = EPOLLRDHUP, .data.u64 = epoll_tag(TAG_GET, s->gen, s->index)};
-	if (epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev) == 0)
-		s->get_fd = fd;
-}
-
-static void get_unwatch(struct session *s)
-{
-	if (s->get_fd < 0)
-		return;
-	epoll_ctl(wire_epfd, EPOLL_CTL_DEL, s->get_fd, NULL);
-	s->get_fd = -1;
-}
-
-/* Answers a long-poll GET. Entered with room_lock held; returns with it released. */
-static int poll_get(struct mg_connection *c, struct session *s, const char *headers)
+/* A long-poll GET: handed back to the wire thread, which answers it now if the session has
+ * packets, and otherwise holds it until it does. Entered with room_lock held; returns
+ * with it released. */
+static int poll_get(struct mg_connection *mc, struct session *s, const char *headers)
 {
 	if (s->get_active) { /* a second GET at once: Node calls it an overlap and closes */
 		session_close(s, "transport error");
 		room_unlock();
-		return eio_error_reply(c, E_REQUEST, headers);
+		return eio_error_reply(mc, E_REQUEST, headers);
+	}
+	s->get_active = true;
+	struct conn *c = conn_of_request(mc);
+	c->s = s;
+	c->s_gen = s->gen;
+	c->eio = s->eio;
+	c->b64 = s->b64;
+	room_unlock();
+	c->close_after = http_closing(mc);
+	c->headers = headers && headers[0] ? xstrndup(headers, strlen(headers)) : NULL;
+	conn_hand_back(mc, c, true);
+	return 200;
+}
+#else
+/* A long-poll GET: its worker waits until the session has packets. Entered with room_lock
+ * held; returns with it released. */
+static int poll_get(struct mg_connection *mc, struct session *s, const char *headers)
+{
+	if (s->get_active) { /* a second GET at once: Node calls it an overlap and closes */
+		session_close(s, "transport error");
+		room_unlock();
+		return eio_error_reply(mc, E_REQUEST, headers);
 	}
 	s->get_active = true;
 	s->users++;
-	get_watch(s, connection_fd(c));
 	/* While a WebSocket probe is under way, a GET is released with noop: at once if it
 	 * was waiting when the probe came, else after 100 ms, as Node's upgrade check does. */
 	bool released = false;
@@ -2281,38 +3809,23 @@ static int poll_get(struct mg_connection *c, struct session *s, const char *head
 		s->get_parked = false;
 		released = s->probed;
 	}
-	get_unwatch(s);
-
-	struct packet *pk;
-	int n = 0;
-	if (s->state == S_OPEN && s->transport == POLLING && s->q.count) {
-		pk = xmalloc(POLL_MAX_PACKETS * sizeof *pk);
-		while (s->q.count && n < POLL_MAX_PACKETS) {
-			pk[n] = outq_pop(&s->q);
-			s->qbytes -= packet_cost(pk[n]);
-			n++;
-		}
-	} else {
-		/* Closed: a close packet, unless the client closed it. Released for an upgrade: noop. */
-		bool close = s->state != S_OPEN && !s->closed_by_client;
-		pk = xmalloc(sizeof *pk);
-		pk[n++] = (struct packet){blob_of(close ? "1" : "6", 1), false};
-	}
-	s->get_active = false;
+	struct packet pk[POLL_MAX_PACKETS];
+	size_t cost;
+	int n = poll_take(s, pk, &cost);
 	int eio = s->eio;
 	bool b64 = s->b64;
 	room_unlock();
 
-	struct buf body = {0};
-	bool binary = payload_encode(&body, eio, b64, pk, n);
+	struct gather body = {0};
+	bool binary = payload_gather(&body, eio, b64, pk, n);
 	for (int i = 0; i < n; i++)
 		blob_unref(pk[i].blob);
-	free(pk);
-	int status = http_reply(c, 200, binary ? "application/octet-stream" : "text/plain; charset=UTF-8",
-	                        headers, body.p, body.len);
-	buf_free(&body);
+	int status = http_send(mc, 200, binary ? "application/octet-stream" : "text/plain; charset=UTF-8",
+	                       headers, &body);
 
 	room_lock_acquire();
+	if (s->state == S_OPEN)
+		s->qbytes -= cost;
 	s->users--;
 	session_release(s);
 	room_unlock();
@@ -2345,29 +3858,61 @@ static void drain_body(struct mg_connection *c, size_t cap)
 	while (cap > 0 && (n = mg_read(c, chunk, sizeof chunk)) > 0)
 		cap -= (size_t)n < cap ? (size_t)n : cap;
 }
+#endif
+
+/* One packet of a POST body: it costs the session's inbound budget, then goes up. A body
+ * whose packets would take the budget a whole burst into debt ends the session: no
+ * client needs that, and decoding it would keep a worker and room_lock busy. */
+static bool post_packet(struct session *s, char type, const char *data, size_t len, bool binary)
+{
+	room_lock_acquire();
+	bool flood = s->state == S_OPEN && inbound_take(&s->inbound, len + PACKET_IN_COST) < -inbound_burst();
+	if (flood)
+		session_close(s, "excess flood");
+	room_unlock();
+	return !flood && eio_receive(s, type, data, len, binary);
+}
 
 /* Takes a long-poll POST. Entered with room_lock held; returns with it released. */
-static int poll_post(struct mg_connection *c, struct session *s, bool binary_body,
+static int poll_post(struct mg_connection *mc, struct session *s, bool binary_body,
                      const char *headers)
 {
-	if (s->post_active || (binary_body && s->eio == 4)) {
+#if CIVETWEB_EMBEDDED
+	struct conn *c = conn_of_request(mc);
+	bool overlap = s->post_active && s->post_conn != c; /* begun when its head came */
+#else
+	bool overlap = s->post_active;
+#endif
+	if (overlap || (binary_body && s->eio == 4)) {
 		session_close(s, "transport error"); /* a second POST at once, or binary in v4 */
 		room_unlock();
-		return eio_error_reply(c, E_REQUEST, headers);
+		return eio_error_reply(mc, E_REQUEST, headers);
 	}
 	s->post_active = true;
 	s->users++;
 	size_t limit = s->ep->max_payload;
 	room_unlock();
 
-	struct buf body = {0};
-	bool too_large = !read_body(c, &body, limit);
-	bool malformed = !too_large &&
-	                 !payload_decode(s, body.p ? body.p : "", body.len, binary_body, eio_receive);
-	buf_free(&body);
+#if CIVETWEB_EMBEDDED /* the wire thread has read the body whole, unless it was too long */
+	bool too_large = c->body_refused || c->body_len > limit;
+	const char *body = c->in.p + c->head_len;
+	size_t len = too_large ? 0 : c->body_len;
+#else
+	struct buf read = {0};
+	bool too_large = !read_body(mc, &read, limit);
+	const char *body = read.p ? read.p : "";
+	size_t len = read.len;
+#endif
+	bool malformed = !too_large && !payload_decode(s, body, len, binary_body, post_packet);
+#if !CIVETWEB_EMBEDDED
+	buf_free(&read);
+#endif
 
 	room_lock_acquire();
 	s->post_active = false;
+#if CIVETWEB_EMBEDDED
+	post_ended(c);
+#endif
 	if (malformed)
 		session_close(s, "parse error"); /* before answering: the next request sees it closed */
 	s->users--;
@@ -2375,23 +3920,20 @@ static int poll_post(struct mg_connection *c, struct session *s, bool binary_bod
 	room_unlock();
 
 	if (too_large) { /* like Node: 413, and the session lives on; the connection does not */
-		char close_headers[600];
-		snprintf(close_headers, sizeof close_headers, "%sConnection: close\r\n", headers);
-		http_close_after(c);
-		int status = http_reply(c, 413, "text/plain", close_headers, "", 0);
-		drain_body(c, 4 * limit);
+		http_close_after(mc);
+		int status = http_reply(mc, 413, "text/plain", headers, "", 0);
+#if !CIVETWEB_EMBEDDED
+		drain_body(mc, 4 * limit);
+#endif
 		return status;
 	}
 	if (malformed)
-		return eio_error_reply(c, E_REQUEST, headers);
-	/* A POST's connection is not kept: idle until the client's next message, it would hold
-	 * a worker, and when we closed it at last we would race the client's next POST, which
-	 * it cannot safely retry (python-engineio gives up on the session). GETs follow each
-	 * other at once, so theirs is kept. */
-	char close_headers[600];
-	snprintf(close_headers, sizeof close_headers, "%sConnection: close\r\n", headers);
-	http_close_after(c);
-	return http_reply(c, 200, "text/html", close_headers, "ok", 2);
+		return eio_error_reply(mc, E_REQUEST, headers);
+	/* A POST's connection is not kept: when we closed it at last, idle, we would race the
+	 * client's next POST, which it cannot safely retry (python-engineio gives up on the
+	 * session). GETs follow each other at once, so theirs is kept. */
+	http_close_after(mc);
+	return http_reply(mc, 200, "text/html", headers, "ok", 2);
 }
 
 /* =================================== WebSocket =================================== */
@@ -2425,8 +3967,12 @@ struct wsconn {
 
 	int eio;           /* protocol revision of its session */
 	size_t max_payload;
+	int peer;          /* its address's slot in peers[], -1 if not counted */
 	int64_t deadline;  /* probing: upgrade by then; closing: give up on the peer then */
 	bool timed;        /* on the wire's list of sockets with deadlines */
+	struct bucket inbound; /* what it may send (see the inbound budget) */
+	bool paused;       /* in inbound debt: not read until resume_at */
+	int64_t resume_at;
 	struct wsconn *next_timed;
 	struct wsconn *next_dead; /* destroyed this round; its slot is freed at its end */
 
@@ -2470,6 +4016,7 @@ static struct wsconn *ws_alloc(void)
 	ws->index = index;
 	ws->gen = gen;
 	ws->fd = -1;
+	ws->peer = -1;
 	ws->state = WS_PROBING; /* reserved; the caller says what it becomes */
 	ws_in_use++;
 	return ws;
@@ -2514,11 +4061,10 @@ static void ws_control(struct wsconn *ws, int opcode, const void *payload, size_
 	ws->ctl_len += len;
 }
 
-/* Gives a socket a deadline; the wire thread, maybe asleep, must recompute its wait.
- * room_lock held. */
-static void ws_set_deadline(struct wsconn *ws, int64_t at)
+/* Puts a socket on the list the wire thread looks at for deadlines and pauses; the wire
+ * thread, maybe asleep, must recompute its wait. room_lock held. */
+static void ws_timed_add(struct wsconn *ws)
 {
-	ws->deadline = at;
 	if (!ws->timed) {
 		ws->timed = true;
 		ws->next_timed = ws_timed;
@@ -2527,12 +4073,25 @@ static void ws_set_deadline(struct wsconn *ws, int64_t at)
 	wire_wake();
 }
 
+static void ws_set_deadline(struct wsconn *ws, int64_t at)
+{
+	ws->deadline = at;
+	ws_timed_add(ws);
+}
+
+/* Tells epoll what the socket waits for: input unless it is paused, room to write while
+ * it is blocked. Wire thread. */
+static void ws_watch(struct wsconn *ws)
+{
+	uint32_t events = EPOLLRDHUP | (ws->paused ? 0 : EPOLLIN) | (ws->blocked ? EPOLLOUT : 0);
+	struct epoll_event ev = {.events = events, .data.u64 = epoll_tag(TAG_WS, ws->gen, ws->index)};
+	epoll_ctl(wire_epfd, EPOLL_CTL_MOD, ws->fd, &ev);
+}
+
 static void ws_arm_write(struct wsconn *ws, bool on)
 {
-	struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0),
-	                         .data.u64 = epoll_tag(TAG_WS, ws->gen, ws->index)};
-	epoll_ctl(wire_epfd, EPOLL_CTL_MOD, ws->fd, &ev);
 	ws->blocked = on;
+	ws_watch(ws);
 }
 
 /* What one sendmsg will write: pieces of frames and of ctl, in order, and whose they are. */
@@ -2652,12 +4211,20 @@ static void ws_destroy(struct wsconn *ws)
 	for (int i = 0; i < ws->nout; i++)
 		blob_unref(ws->out[i].blob);
 	ws->nout = 0;
+	mem_give(ws->rcap + ws->msg.cap);
 	free(ws->rbuf);
+	ws->rbuf = NULL;
+	ws->rcap = ws->rlen = 0;
 	buf_free(&ws->msg);
 	if (!ws->lib_worker)
 		close(ws->fd);
 	/* else the civetweb worker that waits for it closes it, as civetweb always does */
 	room_lock_acquire();
+	if (ws->peer >= 0) {
+		peers[ws->peer].conns--;
+		peer_let_go(ws->peer);
+		ws->peer = -1;
+	}
 	if (ws->timed) {
 		struct wsconn **pp = &ws_timed;
 		while (*pp != ws)
@@ -2752,6 +4319,8 @@ static void ws_probe_message(struct wsconn *ws, const char *data, size_t len)
 		if (s && s->state == S_OPEN) {
 			s->probed = true; /* a parked GET answers noop, and the client pauses polling */
 			pthread_cond_signal(s->wake);
+			if (s->poll)
+				session_mark_dirty(s);
 		}
 		room_unlock();
 		return;
@@ -2766,8 +4335,7 @@ static void ws_probe_message(struct wsconn *ws, const char *data, size_t len)
 			s->transport = WEBSOCKET;
 			ws->state = WS_OPEN; /* its upgrade deadline now passes harmlessly */
 			pthread_cond_signal(s->wake); /* a GET still parked answers noop */
-			if (s->q.count)
-				session_kick(s); /* what polling did not take goes out here, in order */
+			session_kick(s); /* what polling did not take goes out here, in order */
 		}
 		room_unlock();
 		if (!ok)
@@ -2822,9 +4390,23 @@ static bool ws_close_payload_ok(const unsigned char *p, size_t len)
 	return known && utf8_valid((const char *)p + 2, len - 2);
 }
 
-/* One complete, unmasked frame. Wire thread. */
+/* A fragment joins its message, within the memory budget. Wire thread. */
+static bool ws_msg_add(struct wsconn *ws, const unsigned char *p, size_t len)
+{
+	size_t cap = ws->msg.cap;
+	if (ws->msg.len + len > cap && !mem_room_for(ws->msg.len + len - cap)) {
+		ws_close(ws, 1013, "server memory budget");
+		return false;
+	}
+	buf_add(&ws->msg, p, len);
+	mem_take(ws->msg.cap - cap);
+	return true;
+}
+
+/* One complete, unmasked frame. It costs the inbound budget a packet. Wire thread. */
 static void ws_frame(struct wsconn *ws, bool fin, int op, unsigned char *p, size_t len)
 {
+	inbound_take(&ws->inbound, PACKET_IN_COST);
 	switch (op) {
 	case 0x8: /* close: answer with the same code, then linger for the peer's FIN */
 		if (!ws_close_payload_ok(p, len)) {
@@ -2846,7 +4428,7 @@ static void ws_frame(struct wsconn *ws, bool fin, int op, unsigned char *p, size
 		}
 		if (!fin) {
 			ws->msg_opcode = op;
-			buf_add(&ws->msg, p, len);
+			ws_msg_add(ws, p, len);
 			return;
 		}
 		break;
@@ -2855,8 +4437,7 @@ static void ws_frame(struct wsconn *ws, bool fin, int op, unsigned char *p, size
 			ws_close(ws, 1002, "transport error"); /* a continuation of nothing */
 			return;
 		}
-		buf_add(&ws->msg, p, len);
-		if (!fin)
+		if (!ws_msg_add(ws, p, len) || !fin)
 			return;
 		op = ws->msg_opcode;
 		p = (unsigned char *)ws->msg.p;
@@ -2872,8 +4453,10 @@ static void ws_frame(struct wsconn *ws, bool fin, int op, unsigned char *p, size
 	if (ws->msg_opcode) {
 		ws->msg_opcode = 0;
 		ws->msg.len = 0;
-		if (ws->msg.cap > 65536)
+		if (ws->msg.cap > 65536) {
+			mem_give(ws->msg.cap);
 			buf_free(&ws->msg);
+		}
 	}
 }
 
@@ -2925,6 +4508,27 @@ static size_t ws_parse(struct wsconn *ws, unsigned char *p, size_t n)
 }
 
 static void ws_take_input(struct wsconn *ws, unsigned char *in, size_t n);
+static void ws_pause_if_in_debt(struct wsconn *ws);
+
+/* Room in rbuf for `need` bytes, within the memory budget; if there is none the client is
+ * told to come back later (close 1013). Wire thread. */
+static bool ws_rbuf_reserve(struct wsconn *ws, size_t need)
+{
+	if (need <= ws->rcap)
+		return true;
+	size_t cap = need < 4096 ? 4096 : need;
+	if (cap < 2 * ws->rcap)
+		cap = 2 * ws->rcap;
+	if (!mem_room_for(cap - ws->rcap)) {
+		ws_close(ws, 1013, "server memory budget");
+		ws->rlen = 0;
+		return false;
+	}
+	mem_take(cap - ws->rcap);
+	ws->rbuf = xrealloc(ws->rbuf, cap);
+	ws->rcap = cap;
+	return true;
+}
 
 /* The socket is readable. Wire thread. */
 static void ws_read(struct wsconn *ws)
@@ -2942,7 +4546,9 @@ static void ws_read(struct wsconn *ws)
 	}
 	if (ws->state == WS_CLOSING)
 		return; /* after our close frame, input is only drained */
+	inbound_take(&ws->inbound, (size_t)n);
 	ws_take_input(ws, scratch, (size_t)n);
+	ws_pause_if_in_debt(ws);
 }
 
 /* Parses what is left of an unfinished frame followed by in[0..n), and keeps what is
@@ -2952,33 +4558,43 @@ static void ws_take_input(struct wsconn *ws, unsigned char *in, size_t n)
 	unsigned char *p = in;
 	size_t len = n;
 	if (ws->rlen) { /* complete the unfinished frame */
-		if (ws->rlen + len > ws->rcap) {
-			ws->rcap = ws->rlen + len > 2 * ws->rcap ? ws->rlen + len : 2 * ws->rcap;
-			ws->rbuf = xrealloc(ws->rbuf, ws->rcap);
-		}
+		if (!ws_rbuf_reserve(ws, ws->rlen + len))
+			return;
 		if (len)
 			memcpy(ws->rbuf + ws->rlen, in, len);
 		p = ws->rbuf;
 		len += ws->rlen;
 	}
 	size_t used = ws_parse(ws, p, len);
-	size_t rest = ws->state == WS_CLOSING ? 0 : len - used;
-	if (rest > ws->rcap) {
-		size_t cap = rest < 4096 ? 4096 : rest;
-		unsigned char *nb = xmalloc(cap);
-		memcpy(nb, p + used, rest);
-		free(ws->rbuf);
-		ws->rbuf = nb;
-		ws->rcap = cap;
+	size_t rest = ws->state == WS_CLOSING || ws->state == WS_DEAD ? 0 : len - used;
+	if (rest > 0 && p != ws->rbuf) {
+		if (!ws_rbuf_reserve(ws, rest))
+			return;
+		memcpy(ws->rbuf, p + used, rest);
 	} else if (rest > 0) {
 		memmove(ws->rbuf, p + used, rest);
 	}
 	ws->rlen = rest;
 	if (rest == 0 && ws->rcap > 65536) { /* give back the room a big message took */
+		mem_give(ws->rcap);
 		free(ws->rbuf);
 		ws->rbuf = NULL;
 		ws->rcap = 0;
 	}
+}
+
+/* In inbound debt, the socket is not read until the budget is even again. Wire thread. */
+static void ws_pause_if_in_debt(struct wsconn *ws)
+{
+	if (ws->paused || ws->inbound.tokens >= 0 || opt.inbound_rate == 0 ||
+	    (ws->state != WS_OPEN && ws->state != WS_PROBING))
+		return;
+	ws->paused = true;
+	ws->resume_at = bucket_even_at(&ws->inbound, (double)opt.inbound_rate);
+	ws_watch(ws);
+	room_lock_acquire();
+	ws_timed_add(ws);
+	room_unlock();
 }
 
 /* ------------------------------- the wire thread ------------------------------- */
@@ -3078,12 +4694,24 @@ static bool wire_flush(void)
 	while (todo) {
 		struct wsconn *writers[BATCH], *closers[2 * BATCH];
 		uint32_t wgen[BATCH];
-		int nw = 0, nc = 0;
+		int nw = 0, nc = 0, np = 0;
+#if CIVETWEB_EMBEDDED
+		struct conn *polls[BATCH];
+#endif
 		room_lock_acquire();
-		while (todo && nw < BATCH && nc < BATCH) {
+		while (todo && nw < BATCH && nc < BATCH && np < BATCH) {
 			struct session *s = todo;
 			todo = s->next_dirty;
 			s->dirty = false;
+#if CIVETWEB_EMBEDDED
+			/* a parked GET is answered when there is something to say: packets, a
+			 * close, or that the session moved to WebSocket */
+			if (s->poll && (s->state != S_OPEN || s->q.count || s->transport != POLLING ||
+			                s->probed)) {
+				polls[np] = s->poll;
+				conn_poll_take(polls[np++]);
+			}
+#endif
 			if (s->state != S_OPEN) {
 				if (s->ws)
 					closers[nc++] = s->ws;
@@ -3102,6 +4730,10 @@ static bool wire_flush(void)
 		}
 		room_unlock();
 
+#if CIVETWEB_EMBEDDED
+		for (int i = 0; i < np; i++)
+			conn_poll_answer(polls[i]);
+#endif
 		for (int i = 0; i < nc; i++)
 			ws_close(closers[i], stopping ? 1001 : 1000, "server close");
 		for (int i = 0; i < nc; i++)
@@ -3153,75 +4785,127 @@ static void wire_writable(struct wsconn *ws)
 	room_unlock();
 }
 
-/* A parked GET's client hung up: that ends its session, as in Node. */
-static void wire_get_hangup(uint32_t gen, int index)
-{
-	room_lock_acquire();
-	struct session *s = &sessions[index];
-	if ((s->gen & 0xFFFFFF) == gen && s->get_fd >= 0) {
-		get_unwatch(s); /* level-triggered: unwatched at once, or it fires every round */
-		session_close(s, "transport error");
-	}
-	room_unlock();
-}
-
-/* Sockets past their deadline: a probe that never upgraded, a close that lingered.
- * Returns ms until the next deadline, or -1. */
+/* Sockets past their deadline: a probe that never upgraded, a close that lingered, an
+ * inbound pause that is over. Returns ms until the next deadline, or -1. */
 static int wire_deadlines(int64_t now)
 {
-	struct wsconn *due[64];
-	int n = 0, wait = -1;
+	struct wsconn *due[64], *resume[64];
+	int n = 0, nr = 0, wait = -1;
 	room_lock_acquire();
-	for (struct wsconn *ws = ws_timed; ws; ws = ws->next_timed) {
-		if (ws->state == WS_OPEN)
-			continue;
-		if (ws->deadline <= now) {
+	for (struct wsconn **pp = &ws_timed; *pp;) {
+		struct wsconn *ws = *pp;
+		bool closing = ws->state == WS_PROBING || ws->state == WS_CLOSING;
+		if (ws->paused && ws->resume_at <= now && nr < 64) {
+			resume[nr++] = ws;
+		} else if (ws->paused && (wait < 0 || ws->resume_at - now < wait)) {
+			wait = (int)(ws->resume_at - now);
+		}
+		if (closing && ws->deadline <= now) {
 			if (n < 64)
 				due[n++] = ws;
-		} else if (wait < 0 || ws->deadline - now < wait) {
+		} else if (closing && (wait < 0 || ws->deadline - now < wait)) {
 			wait = (int)(ws->deadline - now);
 		}
-	}
-	/* an open socket's old probe deadline no longer matters */
-	for (struct wsconn **pp = &ws_timed; *pp;) {
-		if ((*pp)->state == WS_OPEN) {
-			(*pp)->timed = false;
-			*pp = (*pp)->next_timed;
+		if (!closing && !ws->paused) { /* an open socket's old probe deadline no longer matters */
+			ws->timed = false;
+			*pp = ws->next_timed;
 		} else {
-			pp = &(*pp)->next_timed;
+			pp = &ws->next_timed;
 		}
 	}
 	room_unlock();
+	for (int i = 0; i < nr; i++) {
+		resume[i]->paused = false;
+		ws_watch(resume[i]);
+	}
 	for (int i = 0; i < n; i++) {
 		if (due[i]->state == WS_PROBING)
 			ws_close(due[i], 1000, "upgrade timeout");
 		else
 			ws_destroy(due[i]);
 	}
-	return n == 64 ? 0 : wait;
+	return n == 64 || nr == 64 ? 0 : wait;
+}
+
+/* Events for a WebSocket. */
+static void wire_ws_event(uint32_t gen, int index, uint32_t events)
+{
+	/* A socket destroyed earlier in this round is WS_DEAD, not yet reused. */
+	struct wsconn *ws = &wsconns[index];
+	if (ws->state == WS_DEAD || (ws->gen & 0xFFFFFF) != gen)
+		return;
+	if (ws->early) {
+		ws->early = false;
+		ws_take_input(ws, NULL, 0);
+		ws_pause_if_in_debt(ws);
+		if (ws->state == WS_DEAD)
+			return;
+	}
+	if (events & EPOLLOUT)
+		wire_writable(ws);
+	if (ws->state != WS_DEAD && (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+		ws_read(ws);
+	/* answers to what it read: pongs, 3probe, a close frame */
+	if (ws->state != WS_DEAD && ws->ctl_len) {
+		if (!ws_send(ws))
+			ws_lost(ws, "transport error");
+		else
+			ws_closing_progress(ws);
+	}
+}
+
+/* Anything still going out or coming in at shutdown? */
+static bool wire_busy(void)
+{
+	if (ws_in_use)
+		return true;
+#if CIVETWEB_EMBEDDED
+	for (int i = 0; i < conns_high; i++)
+		if (conns[i].state == C_WRITING || conns[i].state == C_LINGER)
+			return true;
+#endif
+	return false;
 }
 
 static void *wire_main(void *arg)
 {
 	(void)arg;
 	struct epoll_event ev[256];
+	int64_t stop_by = 0; /* at shutdown: give up on lingering sockets then */
 	for (;;) {
 		room_lock_acquire();
 		int64_t now = now_ms();
 		struct session *due;
 		while ((due = timer_due(now)))
 			eio_timer_fire(due, now);
-		int wait = timer_wait_ms(now);
-		bool quit = stopping && ws_in_use == 0;
+		int wait = heap_wait_ms(&session_timers, now);
+		bool stop = stopping;
 		room_unlock();
-		if (quit)
+		if (stop && !stop_by) {
+			stop_by = now + CLOSE_LINGER_MS;
+#if CIVETWEB_EMBEDDED
+			listeners_close();
+			conns_close_idle();
+#endif
+		}
+		if (stop && (!wire_busy() || now > stop_by))
 			break;
+#if CIVETWEB_EMBEDDED
+		if (listen_paused_until && now >= listen_paused_until) {
+			listen_paused_until = 0;
+			listeners_watch(EPOLLIN);
+		}
+		conns_take_back();
+		int wait_conns = conns_deadlines(now);
+		if (wait_conns >= 0 && (wait < 0 || wait_conns < wait))
+			wait = wait_conns;
+#endif
 		int wait_ws = wire_deadlines(now);
 		if (wait_ws >= 0 && (wait < 0 || wait_ws < wait))
 			wait = wait_ws;
 		bool paced = !wire_flush();
 		wire_bury();
-		if (stopping && (wait < 0 || wait > 50))
+		if (stop && (wait < 0 || wait > 50))
 			wait = 50;
 		if (paced && (wait < 0 || wait > 1))
 			wait = 1;
@@ -3236,31 +4920,14 @@ static void *wire_main(void *arg)
 				ssize_t r = read(wire.evfd, &count, sizeof count);
 				(void)r;
 				atomic_store(&wire.woken, false);
-			} else if (kind == TAG_GET) {
-				wire_get_hangup(gen, index);
 			} else if (kind == TAG_WS) {
-				/* A socket destroyed earlier in this round is WS_DEAD, not yet reused. */
-				struct wsconn *ws = &wsconns[index];
-				if (ws->state == WS_DEAD || (ws->gen & 0xFFFFFF) != gen)
-					continue;
-				if (ws->early) {
-					ws->early = false;
-					ws_take_input(ws, NULL, 0);
-					if (ws->state == WS_DEAD)
-						continue;
-				}
-				if (ev[i].events & EPOLLOUT)
-					wire_writable(ws);
-				if (ws->state != WS_DEAD &&
-				    (ev[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
-					ws_read(ws);
-				/* answers to what it read: pongs, 3probe, a close frame */
-				if (ws->state != WS_DEAD && ws->ctl_len) {
-					if (!ws_send(ws))
-						ws_lost(ws, "transport error");
-					else
-						ws_closing_progress(ws);
-				}
+				wire_ws_event(gen, index, ev[i].events);
+#if CIVETWEB_EMBEDDED
+			} else if (kind == TAG_HTTP) {
+				conn_event(gen, index, ev[i].events);
+			} else if (kind == TAG_LISTEN && index < nlisteners) {
+				conns_accept(listeners[index]);
+#endif
 			}
 		}
 		wire_flush();
@@ -3271,27 +4938,9 @@ static void *wire_main(void *arg)
 
 /* ---------------------------- the opening handshake ---------------------------- */
 
-#if CIVETWEB_EMBEDDED
-/* Takes the socket from civetweb: the worker goes back to the pool at once, and civetweb,
- * finding no socket, has nothing to close. Bytes the client sent right behind its request
- * (a client may send frames without waiting for our 101) may sit in civetweb's buffer
- * already: they go to `early`. */
-static int take_socket(struct mg_connection *c, bool *worker_waits, struct buf *early)
-{
-	mg_lock_connection(c);
-	int fd = c->client.sock;
-	c->client.sock = INVALID_SOCKET;
-	c->must_close = 1;
-	int64_t body = c->content_len > 0 ? c->content_len : 0;
-	int64_t behind = (int64_t)c->data_len - c->request_len - body;
-	if (behind > 0 && c->request_len > 0)
-		buf_add(early, c->buf + c->request_len + body, (size_t)behind);
-	mg_unlock_connection(c);
-	*worker_waits = false;
-	return fd;
-}
-#else
-/* Debian's libcivetweb hides its connection struct: find our socket among the open file
+#if !CIVETWEB_EMBEDDED
+/* In make's build the socket comes from our own connection (conn_became_websocket).
+ * Debian's libcivetweb hides its connection struct: find our socket among the open file
  * descriptors by the addresses civetweb reports. The worker then holds the connection
  * until the wire thread is done with it; civetweb closes it afterwards, as usual. Bytes
  * behind the request that civetweb read already are out of our reach here. */
@@ -3361,25 +5010,32 @@ static bool is_websocket_upgrade(struct mg_connection *c)
  * Completes a WebSocket upgrade for an Engine.IO request the caller has checked: with
  * `sid` it probes an existing polling session, without it opens a session of its own.
  */
-static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int eio,
+static int refuse_session(struct mg_connection *mc, const char *headers, const char *refusal);
+static int request_peer(struct mg_connection *mc);
+
+static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int eio,
                       const char *sid, const char *headers)
 {
-	const char *key = mg_get_header(c, "Sec-WebSocket-Key");
-	const char *version = mg_get_header(c, "Sec-WebSocket-Version");
+	const char *key = mg_get_header(mc, "Sec-WebSocket-Key");
+	const char *version = mg_get_header(mc, "Sec-WebSocket-Version");
 	if (!key || strlen(key) != 24 || !version || strcmp(version, "13") != 0 ||
-	    strcmp(mg_get_request_info(c)->request_method, "GET") != 0)
-		return eio_error_reply(c, E_REQUEST, headers);
+	    strcmp(mg_get_request_info(mc)->request_method, "GET") != 0)
+		return eio_error_reply(mc, E_REQUEST, headers);
 
+	/* A new session is opened before the 101, so that a full room is refused in HTTP;
+	 * it has no transport until the socket is ready, and meanwhile nothing is written. */
 	room_lock_acquire();
+	const char *refusal = "server full";
 	struct wsconn *ws = stopping ? NULL : ws_alloc();
-	bool room = sid || sessions_open < session_capacity;
-	if (!ws || !room) {
+	struct session *s = ws && !sid ? eio_open(ep, eio, WEBSOCKET, false, request_peer(mc), &refusal)
+	                               : NULL;
+	if (!ws || (!sid && !s)) {
 		if (ws)
 			ws_release_slot(ws);
 		room_unlock();
-		return http_reply(c, 503, "application/json", headers,
-		                  "{\"code\":3,\"message\":\"server full\"}", 35);
+		return refuse_session(mc, headers, refusal);
 	}
+	uint32_t opened_gen = s ? s->gen : 0;
 	room_unlock(); /* the slot is reserved; the wire thread does not know it yet */
 
 	char accept[29];
@@ -3389,31 +5045,40 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 	                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
 	           accept, headers ? headers : "");
 	bool worker_waits = false;
-	int fd = -1;
+	int fd = -1, peer = -1;
 	struct buf early = {0};
-	if (mg_write(c, head.p, head.len) == (int)head.len)
-		fd = take_socket(c, &worker_waits, &early);
+	if (mg_write(mc, head.p, head.len) == (int)head.len) {
+#if CIVETWEB_EMBEDDED
+		struct conn *c = conn_of_request(mc);
+		fd = c->fd;
+		conn_became_websocket(mc, c, &early, &peer);
+#else
+		fd = take_socket(mc, &worker_waits, &early);
+#endif
+	}
 	buf_free(&head);
 
 	room_lock_acquire();
-	struct session *s = NULL;
-	if (fd >= 0 && !stopping) {
-		if (sid) {
-			s = session_find(sid);
-			if (s && (s->transport != POLLING || s->probe || s->eio != eio))
-				s = NULL;
-		} else {
-			s = eio_open(ep, eio, WEBSOCKET, false);
-		}
+	if (sid) {
+		s = session_find(sid);
+		if (s && (s->transport != POLLING || s->probe || s->eio != eio))
+			s = NULL;
+	} else if (s->gen != opened_gen || s->state != S_OPEN) {
+		s = NULL; /* evicted meanwhile */
 	}
-	if (!s) {
-		/* The session went, or filled up, between our check and now. */
+	if (fd < 0 || stopping || !s) {
+		if (!sid && s)
+			session_close(s, "transport error");
+		if (peer >= 0) {
+			peers[peer].conns--;
+			peer_let_go(peer);
+		}
 		ws_release_slot(ws);
 		room_unlock();
 		if (fd >= 0 && !worker_waits)
 			close(fd);
 		buf_free(&early);
-		http_close_after(c);
+		http_close_after(mc);
 		return 101;
 	}
 	int flags = fcntl(fd, F_GETFL);
@@ -3421,6 +5086,7 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 	int one = 1;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	ws->fd = fd;
+	ws->peer = peer;
 	ws->lib_worker = worker_waits;
 	ws->s = s;
 	ws->eio = eio;
@@ -3432,9 +5098,11 @@ static int ws_upgrade(struct mg_connection *c, const struct endpoint *ep, int ei
 	} else {
 		s->ws = ws;
 		ws->state = WS_OPEN;
+		session_kick(s); /* its open packet is waiting */
 	}
 	/* Early bytes are parsed by the wire thread before anything it reads: asking for
 	 * EPOLLOUT too, on a socket that is writable, makes sure it looks at once. */
+	mem_take(early.cap);
 	ws->rbuf = (unsigned char *)early.p;
 	ws->rlen = early.len;
 	ws->rcap = early.cap;
@@ -3733,6 +5401,7 @@ static void sio_connect(struct session *s, struct json_span nsp, const json_t *a
 		sio_send(s, SIO_CONNECT, nsp, NO_ACK, "", 0);
 	}
 	sk->connected = true;
+	session_settle(s);
 	namespaces[slot]->on_connect(s, slot, auth);
 }
 
@@ -4078,10 +5747,17 @@ static void room_announce(const char *action, struct session *who, int slot)
 	blob_unref(delta);
 }
 
+/* A place in the room, if there is one, and if the client's address has not joined too
+ * often this minute (--joins-per-minute: each join makes the room send a login to
+ * everyone, each leave a logout). */
 static const char *chat_admit(struct session *s, int slot, const json_t *auth)
 {
-	(void)s, (void)slot, (void)auth;
-	return room.count >= opt.max_clients ? "room is full" : NULL;
+	(void)slot, (void)auth;
+	if (room.count >= opt.max_clients)
+		return "room is full";
+	if (!peer_may_join(s->peer))
+		return "too many joins from your address: try again in a minute";
+	return NULL;
 }
 
 static void chat_join(struct session *s, int slot, const json_t *auth)
@@ -4090,8 +5766,6 @@ static void chat_join(struct session *s, int slot, const json_t *auth)
 	s->delta = json_is_string(presence) && strcmp(json_string_value(presence), "delta") == 0;
 	s->nick = name_pick();
 	name_claim(s->nick, s->index);
-	s->flood_tokens = 2.0 * opt.flood_limit;
-	s->flood_at = now_ms();
 	room.members[room.count++] = s->index;
 	name_list_joined(s);
 	if (!opt.quiet)
@@ -4127,15 +5801,11 @@ static bool flooding(struct session *s)
 {
 	if (opt.flood_limit == 0)
 		return false;
-	int64_t now = now_ms();
-	s->flood_tokens += (double)(now - s->flood_at) * opt.flood_limit / 1000.0;
-	if (s->flood_tokens > 2.0 * opt.flood_limit)
-		s->flood_tokens = 2.0 * opt.flood_limit;
-	s->flood_at = now;
-	if (s->flood_tokens < 1.0)
-		return true;
-	s->flood_tokens -= 1.0;
-	return false;
+	double rate = opt.flood_limit, burst = 2.0 * opt.flood_limit;
+	if (bucket_take(&s->flood, rate, burst, 1, now_ms()) >= 0)
+		return false;
+	s->flood.tokens += 1; /* a message refused costs nothing */
+	return true;
 }
 
 /* ["msg", DATA, ...] from a member: relayed to all, DATA's username stamped if DATA is an
@@ -4245,6 +5915,29 @@ static int cors_preflight(struct mg_connection *c, const char *headers)
 	return http_reply(c, 204, "text/plain", all, "", 0);
 }
 
+/* No session for this client: the server is full (503), or its address holds its share
+ * of sessions (429). */
+static int refuse_session(struct mg_connection *c, const char *headers, const char *refusal)
+{
+	char body[160];
+	int n = snprintf(body, sizeof body, "{\"code\":3,\"message\":\"%s\"}", refusal);
+	int status = strcmp(refusal, "server full") == 0 ? 503 : 429;
+	return http_reply(c, status, "application/json", headers, body, (size_t)n);
+}
+
+/* The slot of the request's address in peers[], -1 if none. room_lock held. */
+static int request_peer(struct mg_connection *c)
+{
+#if CIVETWEB_EMBEDDED
+	struct conn *conn = conn_of_request(c);
+	if (conn)
+		return conn->peer;
+#endif
+	char key[PEER_KEY_MAX];
+	peer_key_of_text(mg_get_request_info(c)->remote_addr, key);
+	return peer_get(key);
+}
+
 static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 {
 	const struct mg_request_info *ri = mg_get_request_info(c);
@@ -4280,11 +5973,13 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 		if (upgrade)
 			return ws_upgrade(c, ep, eio, NULL, headers);
 		room_lock_acquire();
-		struct session *s = stopping ? NULL : eio_open(ep, eio, POLLING, b64[0] && strcmp(b64, "0"));
+		const char *refusal = "server full";
+		struct session *s = stopping ? NULL
+		                  : eio_open(ep, eio, POLLING, b64[0] && strcmp(b64, "0"),
+		                             request_peer(c), &refusal);
 		if (!s) {
 			room_unlock();
-			return http_reply(c, 503, "application/json", headers,
-			                  "{\"code\":3,\"message\":\"server full\"}", 35);
+			return refuse_session(c, headers, refusal);
 		}
 		return poll_get(c, s, headers); /* answers at once: the open packet is queued */
 	}
@@ -4344,26 +6039,22 @@ static void page_build(void)
 	buf_adds(&page, mark + strlen("{{PATH}}"));
 }
 
-static int serve_page(struct mg_connection *c, bool head)
+static int serve_page(struct mg_connection *c)
 {
 	static const char headers[] =
 		"Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
 		"style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; "
 		"form-action 'none'; frame-ancestors 'none'\r\n"
 		"X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n";
-	if (head) { /* the headers a GET would have, without the body */
-		char h[1024];
-		int n = snprintf(h, sizeof h, "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
-		                 "Content-Length: %zu\r\n%s\r\n", page.len, headers);
-		mg_write(c, h, (size_t)n);
-		return 200;
-	}
-	return http_reply(c, 200, "text/html; charset=utf-8", headers, page.p, page.len);
+	struct gather body = {0}; /* for HEAD, http_send sends only the head a GET would have */
+	gather_static(&body, page.p, page.len);
+	return http_send(c, 200, "text/html; charset=utf-8", headers, &body);
 }
 
 static int on_request(struct mg_connection *c)
 {
 	const struct mg_request_info *ri = mg_get_request_info(c);
+	answer_closes = false;
 	const char *uri = ri->local_uri ? ri->local_uri : "";
 	for (int i = 0; i < n_endpoints; i++) {
 		const char *path = endpoints[i]->path;
@@ -4374,61 +6065,14 @@ static int on_request(struct mg_connection *c)
 	bool head = strcmp(ri->request_method, "HEAD") == 0;
 	if ((strcmp(uri, "/") == 0 || strcmp(uri, "/index.html") == 0) &&
 	    (head || strcmp(ri->request_method, "GET") == 0))
-		return serve_page(c, head);
+		return serve_page(c);
 	return http_reply(c, 404, "text/plain", NULL, "Not Found\n", 10);
 }
 
-/*
- * Workers per client address. civetweb gives every connection a worker from the moment
- * it is accepted, while it sends its request, idle or not; one host with enough idle
- * sockets could hold them all. So no address gets more than three quarters of the
- * workers: past that, its new connections are shut at once. (WebSockets do not count:
- * they leave their worker.) The lock is a leaf, taken by workers as connections come
- * and go.
- */
-static struct {
-	pthread_mutex_t lock;
-	struct strmap count; /* address -> connections; keys are malloc'd here */
-	int share;
-} per_address = {.lock = PTHREAD_MUTEX_INITIALIZER};
-
-/* The connection's address. civetweb answers mg_get_request_info only once a request
- * has come, so we read its struct; Debian's library hides it, and there is no count. */
-static const char *connection_address(const struct mg_connection *c)
-{
-#if CIVETWEB_EMBEDDED
-	return c->request_info.remote_addr;
-#else
-	(void)c;
-	return NULL;
-#endif
-}
-
-static int on_connection_open(const struct mg_connection *c, void **data)
-{
-	const char *addr = connection_address(c);
-	*data = NULL; /* NULL: not counted */
-	if (!addr)
-		return 0;
-	pthread_mutex_lock(&per_address.lock);
-	int n = strmap_get(&per_address.count, addr);
-	bool over = n >= per_address.share;
-	if (!over)
-		strmap_put(&per_address.count, n < 0 ? xstrndup(addr, strlen(addr)) : addr, n < 0 ? 1 : n + 1);
-	pthread_mutex_unlock(&per_address.lock);
-	if (over) {
-#if CIVETWEB_EMBEDDED
-		shutdown(((struct mg_connection *)c)->client.sock, SHUT_RDWR);
-#endif
-	} else {
-		*data = &per_address;
-	}
-	return 0;
-}
-
+#if !CIVETWEB_EMBEDDED
 /*
  * A worker's stack, given back below the current frame once its connection is over.
- * There are as many workers as places in the room; a WebSocket handshake or a long-poll
+ * Built against Debian's libcivetweb there are as many workers as places in the room; a WebSocket handshake or a long-poll
  * runs some 20 KiB deep, and those pages would otherwise stay resident in every worker
  * that ever served one, idle or not: 200 MB for a room of 10000. What a worker touches
  * next time comes back as fresh zero pages. The 4 KiB left below us are for the calls
@@ -4457,23 +6101,12 @@ static void worker_stack_give_back(void)
 		madvise((void *)bottom, top - bottom, MADV_DONTNEED);
 }
 
-static void on_connection_close(const struct mg_connection *c)
+static void on_worker_done(const struct mg_connection *c)
 {
+	(void)c;
 	worker_stack_give_back();
-	const char *addr = connection_address(c);
-	if (!addr || !mg_get_user_connection_data(c))
-		return;
-	pthread_mutex_lock(&per_address.lock);
-	int n = strmap_get(&per_address.count, addr);
-	if (n > 1) {
-		strmap_put(&per_address.count, addr, n - 1);
-	} else if (n == 1) {
-		char *key = (char *)per_address.count.slots[strmap_find_slot(&per_address.count, addr)].key;
-		strmap_del(&per_address.count, addr);
-		free(key);
-	}
-	pthread_mutex_unlock(&per_address.lock);
 }
+#endif
 
 static int on_log_message(const struct mg_connection *c, const char *message)
 {
@@ -4520,6 +6153,18 @@ static bool listening_ports(char *out, size_t cap, bool *ipv6_everywhere)
 }
 
 /* civetweb says only "Failed to setup server ports": find out why by trying ourselves. */
+/* Why a port cannot be listened on, in words. */
+static const char *port_error_text(int e)
+{
+	if (e == EADDRINUSE)
+		return "it is in use (is another chatroom running? try --port)";
+	if (e == EACCES)
+		return "permission denied (ports below 1024 need root; try --port 5000)";
+	if (e == EADDRNOTAVAIL)
+		return "no interface has that address (see --host)";
+	return strerror(e);
+}
+
 static const char *port_problem(void)
 {
 	struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)opt.port)};
@@ -4536,23 +6181,86 @@ static const char *port_problem(void)
 	int r = v6 ? bind(fd, (struct sockaddr *)&a6, sizeof a6) : bind(fd, (struct sockaddr *)&a4, sizeof a4);
 	int e = errno;
 	close(fd);
-	if (r == 0)
-		return NULL;
-	if (e == EADDRINUSE)
-		return "it is in use (is another chatroom running? try --port)";
-	if (e == EACCES)
-		return "permission denied (ports below 1024 need root; try --port 5000)";
-	if (e == EADDRNOTAVAIL)
-		return "no interface has that address (see --host)";
-	return strerror(e);
+	return r == 0 ? NULL : port_error_text(e);
 }
+
+#if CIVETWEB_EMBEDDED
+/*
+ * Our own listening sockets, which the wire thread accepts on: every interface -- one
+ * IPv6 socket that takes IPv4 too, or IPv4 alone where there is no IPv6 -- or --host.
+ * Exits 2 for a --host that is not an address, 1 with the reason if we cannot listen.
+ */
+static void listeners_open(bool *ipv6_everywhere)
+{
+	struct sockaddr_storage ss;
+	memset(&ss, 0, sizeof ss);
+	struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
+	struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+	const char *host = opt.host && strcmp(opt.host, "localhost") == 0 ? "127.0.0.1" : opt.host;
+	int fd = -1;
+	*ipv6_everywhere = false;
+	if (!host) {
+		fd = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		*ipv6_everywhere = fd >= 0;
+		ss.ss_family = fd >= 0 ? AF_INET6 : AF_INET;
+		if (fd >= 0)
+			a6->sin6_addr = in6addr_any;
+		else
+			a4->sin_addr.s_addr = htonl(INADDR_ANY);
+	} else if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+		ss.ss_family = AF_INET;
+	} else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+		ss.ss_family = AF_INET6;
+	} else {
+		fprintf(stderr, "chatroom: --host wants an IP address, not '%s'\n", opt.host);
+		exit(2);
+	}
+	if (fd < 0)
+		fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (ss.ss_family == AF_INET6)
+		a6->sin6_port = htons((uint16_t)opt.port);
+	else
+		a4->sin_port = htons((uint16_t)opt.port);
+	int one = 1, v6only = host ? 1 : 0;
+	if (fd >= 0) {
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (ss.ss_family == AF_INET6)
+			setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
+	}
+	socklen_t len = ss.ss_family == AF_INET6 ? sizeof *a6 : sizeof *a4;
+	if (fd < 0 || bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, 4096) != 0) {
+		fprintf(stderr, "chatroom: cannot listen on port %d: %s\n", opt.port, port_error_text(errno));
+		exit(1);
+	}
+	listeners[nlisteners] = fd;
+	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = epoll_tag(TAG_LISTEN, 0, nlisteners)};
+	epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev);
+	nlisteners++;
+}
+
+/* civetweb insists on a listening socket of its own, which we give a loopback port
+ * nobody knows; then we put a descriptor that never becomes readable in its place, so
+ * that its accept loop idles. Every connection is ours to accept. */
+static void civetweb_listener_silence(void)
+{
+	for (unsigned i = 0; i < http_ctx->num_listening_sockets; i++) {
+		int quiet = eventfd(0, EFD_CLOEXEC);
+		if (quiet >= 0) {
+			dup2(quiet, http_ctx->listening_sockets[i].sock);
+			close(quiet);
+		}
+	}
+}
+#endif
 
 static void print_addresses(bool ipv6)
 {
 	printf("chatroom %s: a Socket.IO chat room, %d places, path %s\n", CHATROOM_VERSION,
 	       opt.max_clients, opt.path);
+#if !CIVETWEB_EMBEDDED
 	if (!mg_check_feature(8))
 		printf("(this civetweb was built without IPv6: listening on IPv4 only)\n");
+#endif
 	if (opt.host) {
 		bool v6 = strchr(opt.host, ':') != NULL;
 		printf("Open http://%s%s%s:%d/\n", v6 ? "[" : "", opt.host, v6 ? "]" : "", opt.port);
@@ -4589,19 +6297,20 @@ static void print_addresses(bool ipv6)
 
 /* Every client is a socket: a room of 10000 needs more descriptors than the usual soft
  * limit of 1024. Raise it as far as the hard limit allows, and say so if that is short. */
-static void raise_fd_limit(int needed)
+static int raise_fd_limit(int needed)
 {
 	struct rlimit rl;
 	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
-		return;
+		return 1024;
 	if (rl.rlim_cur < rl.rlim_max) {
 		rl.rlim_cur = rl.rlim_max;
 		setrlimit(RLIMIT_NOFILE, &rl);
 	}
-	if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (rlim_t)needed)
-		fprintf(stderr, "chatroom: warning: only %lu file descriptors allowed, %d clients "
-		        "need about %d (raise it with ulimit -n)\n", (unsigned long)rl.rlim_cur,
-		        opt.max_clients, needed);
+	int limit = rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > INT_MAX ? INT_MAX : (int)rl.rlim_cur;
+	if (limit < needed)
+		fprintf(stderr, "chatroom: warning: only %d file descriptors allowed, %d clients "
+		        "need about %d (raise it with ulimit -n)\n", limit, opt.max_clients, needed);
+	return limit;
 }
 
 /*
@@ -4618,11 +6327,30 @@ static void malloc_tune(void)
 	mallopt(M_ARENA_MAX, 4);
 }
 
+/*
+ * civetweb's workers. In make's build they run only whole requests and never wait on the
+ * network, so a few per core keep both cores busy while one waits for room_lock: two per
+ * CPU, at least 4, at most 16 (measured: README, Performance). Built against Debian's
+ * libcivetweb every connection holds a worker, so there is one per place.
+ */
+static int worker_count(void)
+{
+	if (opt.threads)
+		return opt.threads;
+#if CIVETWEB_EMBEDDED
+	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+	int n = cpus > 0 ? 2 * (int)cpus : 4;
+	return n < 4 ? 4 : n > 16 ? 16 : n;
+#else
+	return session_capacity + 32;
+#endif
+}
+
 /* Starts the wire thread and civetweb. Exits 1 with one clear line if it cannot. */
 static void server_start(void)
 {
 	malloc_tune();
-	raise_fd_limit(opt.max_clients + opt.max_clients / 8 + 64);
+	int fds = raise_fd_limit(opt.max_clients + opt.max_clients / 8 + 64);
 	uint64_t seed;
 	random_bytes(&seed, sizeof seed);
 	rng_state = seed | 1;
@@ -4636,22 +6364,29 @@ static void server_start(void)
 		fprintf(stderr, "chatroom: cannot set up epoll: %s\n", strerror(errno));
 		exit(1);
 	}
-	pthread_create(&wire.thread, NULL, wire_main, NULL);
 
-	char ports[128], threads[16], backlog[16];
+	char ports[128], threads[16], queue[16];
 	bool ipv6;
+#if CIVETWEB_EMBEDDED
+	conns_init(fds);
+	listeners_open(&ipv6);
+	snprintf(ports, sizeof ports, "127.0.0.1:0");
+	snprintf(queue, sizeof queue, "%d", MAX_CONNS); /* produce_socket never waits */
+#else
 	if (!listening_ports(ports, sizeof ports, &ipv6)) {
 		fprintf(stderr, "chatroom: --host wants an IP address, not '%s'\n", opt.host);
 		exit(2);
 	}
-	int nthreads = opt.threads ? opt.threads : session_capacity + 32;
+	snprintf(queue, sizeof queue, "%d", session_capacity < 4096 ? 4096 : session_capacity + 32);
+#endif
+	int nthreads = worker_count();
 	snprintf(threads, sizeof threads, "%d", nthreads);
-	snprintf(backlog, sizeof backlog, "%d", nthreads < 4096 ? 4096 : nthreads);
 	const char *options[] = {
 		"listening_ports", ports,
 		"num_threads", threads,
-		"listen_backlog", backlog,
-		"connection_queue", backlog,
+		"listen_backlog", queue,
+		"connection_queue", queue,
+		"max_request_size", "16384", /* HEAD_MAX */
 		"enable_keep_alive", "yes",
 		"tcp_nodelay", "1",
 		"request_timeout_ms", "10000",
@@ -4662,10 +6397,12 @@ static void server_start(void)
 	struct mg_callbacks callbacks = {0};
 	callbacks.begin_request = on_request;
 	callbacks.log_message = on_log_message;
+#if CIVETWEB_EMBEDDED
 	callbacks.init_connection = on_connection_open;
 	callbacks.connection_close = on_connection_close;
-	per_address.share = nthreads - nthreads / 4;
-	strmap_init(&per_address.count, (size_t)nthreads);
+#else
+	callbacks.connection_close = on_worker_done;
+#endif
 	struct mg_init_data init = {.callbacks = &callbacks, .configuration_options = options};
 	char error[256] = "";
 	unsigned code = 0;
@@ -4681,7 +6418,14 @@ static void server_start(void)
 			        error[0] ? error : "unknown error");
 		exit(1);
 	}
+#if CIVETWEB_EMBEDDED
+	civetweb_listener_silence();
+#endif
+	pthread_create(&wire.thread, NULL, wire_main, NULL); /* now connections flow */
 	print_addresses(ipv6);
+	int conns = fds - 64 < MAX_CONNS ? fds - 64 : MAX_CONNS;
+	printf("Up to %d connections at once (file descriptors allowed: %d), %d HTTP workers.\n",
+	       conns < 0 ? 0 : conns, fds, nthreads);
 	fflush(stdout);
 }
 

@@ -13,7 +13,9 @@
  * see what that does to everyone else. With --server-pid it reads the server's CPU time
  * and resident memory from /proc; it reports its own CPU time too, so that one can see it
  * was not the bottleneck. --pad adds bytes to every message, so that a stalled client's
- * queue fills in seconds rather than hours. The result is one line of JSON.
+ * queue fills in seconds rather than hours. Clients come from many loopback addresses,
+ * --per-address of them from each of 127.1.x.y, as clients from many hosts would (a
+ * server counts what each address may hold). The result is one line of JSON.
  *
  * libc only: cc -O2 -o loadgen loadgen.c
  */
@@ -47,7 +49,8 @@ static struct {
 	int server_pid;
 	int ramp; /* connections being set up at once */
 	int pad;  /* extra bytes in each message */
-} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, 0, 500, 0};
+	int per_address; /* clients from one source address */
+} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, 0, 500, 0, 50};
 
 static int64_t now_ns(void)
 {
@@ -209,6 +212,12 @@ static void start_client(struct client *c)
 		int small = 4096;
 		setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
 	}
+	/* client i comes from 127.1.x.y, one address for every per_address clients */
+	uint32_t source = (uint32_t)(c - clients) / (uint32_t)opt.per_address + 1;
+	struct sockaddr_in from = {.sin_family = AF_INET,
+	                           .sin_addr.s_addr = htonl(0x7F010000u | (source & 0xFFFF))};
+	if (strncmp(opt.host, "127.", 4) == 0 && bind(c->fd, (struct sockaddr *)&from, sizeof from) < 0)
+		die("bind to a loopback source address");
 	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.port)};
 	inet_pton(AF_INET, opt.host, &a.sin_addr);
 	c->state = CONNECTING;
@@ -563,7 +572,8 @@ static void usage(void)
 	        "usage: loadgen [--host H] [--port P] [--path /socket.io/] --clients N\n"
 	        "               [--scenario join|fanout|hold] [--senders S] [--rate R]\n"
 	        "               [--seconds T] [--warmup W] [--delta] [--stall K]\n"
-	        "               [--server-pid PID] [--ramp N] [--pad BYTES]\n");
+	        "               [--server-pid PID] [--ramp N] [--pad BYTES]\n"
+	        "               [--per-address N]\n");
 	exit(2);
 }
 
@@ -574,7 +584,7 @@ int main(int argc, char **argv)
 		{"scenario", 1, 0, 's'}, {"senders", 1, 0, 'S'}, {"rate", 1, 0, 'r'},
 		{"seconds", 1, 0, 't'}, {"warmup", 1, 0, 'w'}, {"delta", 0, 0, 'd'},
 		{"stall", 1, 0, 'k'}, {"server-pid", 1, 0, 'x'}, {"ramp", 1, 0, 'R'}, {"pad", 1, 0, 'z'},
-		{0, 0, 0, 0}};
+		{"per-address", 1, 0, 'a'}, {0, 0, 0, 0}};
 	int ch;
 	while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (ch) {
@@ -592,10 +602,12 @@ int main(int argc, char **argv)
 		case 'x': opt.server_pid = atoi(optarg); break;
 		case 'R': opt.ramp = atoi(optarg); break;
 		case 'z': opt.pad = atoi(optarg); break;
+		case 'a': opt.per_address = atoi(optarg); break;
 		default: usage();
 		}
 	}
-	if (opt.clients < 1 || opt.senders < 1 || opt.senders + opt.stall > opt.clients || opt.pad < 0)
+	if (opt.clients < 1 || opt.senders < 1 || opt.senders + opt.stall > opt.clients || opt.pad < 0 ||
+	    opt.per_address < 1)
 		usage();
 	struct rlimit rl;
 	getrlimit(RLIMIT_NOFILE, &rl);

@@ -22,7 +22,7 @@ def loadgen(server, *args):
 
 
 def test_fanout_every_message_reaches_everyone(make_server):
-    s = make_server("--flood-limit", "0", "--history", "0")
+    s = make_server("--flood-limit", "0", "--inbound-rate", "0", "--history", "0")
     r = loadgen(s, "--clients", "50", "--senders", "5", "--rate", "50",
                 "--seconds", "2", "--warmup", "0.5")
     assert (r["joined"], r["failed"]) == (50, 0)
@@ -45,7 +45,8 @@ def test_join_storm_with_full_name_lists(make_server):
 def test_stalled_client_is_dropped_and_the_others_go_on(make_server):
     # A small queue limit, padded messages: the client that stops reading overflows its
     # queue within a second, and the others are told it left.
-    s = make_server("--flood-limit", "0", "--history", "0", "--queue-limit", "1048576")
+    s = make_server("--flood-limit", "0", "--inbound-rate", "0", "--history", "0",
+                    "--queue-limit", "1048576")
     r = loadgen(s, "--clients", "20", "--senders", "4", "--rate", "100", "--pad", "20000",
                 "--stall", "1", "--seconds", "3", "--warmup", "0.5", "--delta")
     assert (r["joined"], r["failed"]) == (20, 0)

@@ -164,6 +164,24 @@ static bool collect(struct session *s, char type, const char *data, size_t len, 
 	return true;
 }
 
+static void gather_flatten(const struct gather *g, struct buf *out)
+{
+	struct iovec iov[GATHER_PIECES];
+	int n = gather_iov(g, 0, iov);
+	for (int i = 0; i < n; i++)
+		buf_add(out, iov[i].iov_base, iov[i].iov_len);
+}
+
+static bool encode(struct buf *out, int eio, bool b64, const struct packet *pk, int n)
+{
+	struct gather g = {0};
+	bool binary = payload_gather(&g, eio, b64, pk, n);
+	out->len = 0;
+	gather_flatten(&g, out);
+	gather_free(&g);
+	return binary;
+}
+
 static const char *decode(int eio, const char *body, size_t len, bool binary_body, bool *ok)
 {
 	static char out[512];
@@ -179,16 +197,20 @@ static void test_payloads(void)
 	struct blob *t1 = blob_of("4hello", 6), *t2 = blob_of("4€😀", 8), *b1 = blob_of("\x01\x02\x03\x04", 4);
 	struct packet pk[] = {{t1, false}, {b1, true}, {t2, false}};
 	struct buf out = {0};
-	CHECK(!payload_encode(&out, 4, false, pk, 3));
+	CHECK(!encode(&out, 4, false, pk, 3));
 	CHECK(out.len == 6 + 1 + 9 + 1 + 8 && memcmp(out.p, "4hello\x1e" "bAQIDBA==\x1e" "4€😀", out.len) == 0);
-	out.len = 0;
-	CHECK(!payload_encode(&out, 3, true, pk, 3));
+	CHECK(!encode(&out, 3, true, pk, 3));
 	CHECK(out.len == strlen("6:4hello10:b4AQIDBA==4:4€😀") &&
 	      memcmp(out.p, "6:4hello10:b4AQIDBA==4:4€😀", out.len) == 0);
-	out.len = 0;
-	CHECK(payload_encode(&out, 3, false, pk, 3)); /* binary payload */
+	CHECK(encode(&out, 3, false, pk, 3)); /* binary payload */
 	const unsigned char want[] = {0, 6, 0xFF, '4', 'h', 'e', 'l', 'l', 'o', 1, 5, 0xFF, 4, 1, 2, 3, 4};
 	CHECK(out.len == sizeof want + 11 && memcmp(out.p, want, sizeof want) == 0);
+	/* the message bytes are the blobs', not copies */
+	struct gather g = {0};
+	payload_gather(&g, 4, false, pk, 3);
+	CHECK(g.n == 5 && g.piece[0].p == t1->data && g.piece[4].p == t2->data);
+	CHECK(g.piece[2].p == atomic_load(&b1->base64)->data);
+	gather_free(&g);
 	buf_free(&out);
 	blob_unref(t1), blob_unref(t2), blob_unref(b1);
 
@@ -363,7 +385,7 @@ static void test_timers(void)
 	int64_t at[] = {50, 10, 40, 20, 30, 60, 5};
 	for (int i = 0; i < 7; i++) {
 		sessions[i].index = i;
-		sessions[i].heap_pos = -1;
+		sessions[i].timer.pos = -1;
 		timer_set(&sessions[i], at[i]);
 	}
 	timer_cancel(&sessions[2]);             /* 40 goes */
@@ -371,7 +393,7 @@ static void test_timers(void)
 	int64_t order[8], n = 0;
 	struct session *s;
 	while (n < 8 && (s = timer_due(1000))) {
-		order[n++] = s->timer_at;
+		order[n++] = s->timer.at;
 		timer_cancel(s);
 	}
 	int64_t want[] = {1, 5, 10, 20, 30, 50};

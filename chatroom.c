@@ -1997,6 +1997,8 @@ struct session {
 	bool get_active, post_active;
 	struct conn *poll;     /* the parked GET the wire thread holds for it (make's build) */
 	struct conn *post_conn; /* the connection whose POST is under way (make's build) */
+	int in_workers;        /* its requests in workers or waiting for one (make's build) */
+	struct conn *waiting, *waiting_last;
 	bool get_parked;       /* a GET waits on `wake` for packets (libcivetweb's build) */
 	pthread_cond_t *wake;  /* session_wakes[index]: condition variables are not copied */
 	int users; /* handler threads inside this session */
@@ -2166,7 +2168,8 @@ static struct session *session_new(const struct endpoint *ep, int eio, enum tran
 /* Lets the slot go once nobody refers to the closed session. room_lock held. */
 static void session_release(struct session *s)
 {
-	if (s->state != S_CLOSED || s->users || s->ws || s->probe || s->dirty || s->poll)
+	if (s->state != S_CLOSED || s->users || s->ws || s->probe || s->dirty || s->poll ||
+	    s->in_workers)
 		return;
 	s->state = S_FREE;
 	free_slots[nfree_slots++] = s->index;
@@ -2828,6 +2831,9 @@ struct conn {
 	size_t take_cost;    /* their queue cost, given back to the session once written */
 
 	bool paused;         /* its body is not read for now: its session is in inbound debt */
+	struct session *order_s; /* the session whose requests go to workers one at a time */
+	uint32_t order_gen;
+	struct conn *next_waiting;
 	struct session *post_s; /* the session whose POST it carries */
 	uint32_t post_gen;
 	int older, newer;    /* the list of connections waiting for a head, oldest first */
@@ -3150,11 +3156,8 @@ static int head_framing(const char *p, size_t n, size_t *body_len)
 
 /* Hands the whole request to a civetweb worker. civetweb's queue holds every
  * connection there is, so this never waits. */
-static void conn_to_worker(struct conn *c)
+static void conn_produce(struct conn *c)
 {
-	conn_unwatch(c);
-	conn_set_state(c, C_WORKER);
-	conn_deadline(c, 0);
 	struct socket so;
 	memset(&so, 0, sizeof so);
 	so.sock = c->fd;
@@ -3163,11 +3166,65 @@ static void conn_to_worker(struct conn *c)
 	produce_socket(http_ctx, &so);
 }
 
-/* The session a POST's head names, if any. room_lock held. */
-static struct session *post_session(const char *head, size_t n)
+static struct session *head_session(const char *head, size_t n);
+
+/*
+ * Hands the whole request to a civetweb worker; civetweb's queue holds every connection
+ * there is, so this never waits. Requests for one session go to workers one at a time,
+ * in the order they came, as Node's one thread takes them: a GET and a POST sent at once
+ * must not have their order decided by which worker is quicker (a POST that closes the
+ * session would make the GET sent before it an error).
+ */
+static void conn_to_worker(struct conn *c)
+{
+	conn_unwatch(c);
+	conn_set_state(c, C_WORKER);
+	conn_deadline(c, 0);
+	room_lock_acquire();
+	struct session *s = head_session(c->in.p, c->head_len);
+	bool wait = false;
+	if (s) {
+		c->order_s = s;
+		c->order_gen = s->gen;
+		c->next_waiting = NULL;
+		if (s->in_workers++ > 0) {
+			if (s->waiting_last)
+				s->waiting_last->next_waiting = c;
+			else
+				s->waiting = c;
+			s->waiting_last = c;
+			wait = true;
+		}
+	}
+	room_unlock();
+	if (!wait)
+		conn_produce(c);
+}
+
+/* A worker is done with the connection's request: the next one of its session may go.
+ * Returns that one, or NULL. room_lock held. */
+static struct conn *conn_order_release(struct conn *c)
+{
+	struct session *s = c->order_s;
+	c->order_s = NULL;
+	if (!s || s->gen != c->order_gen)
+		return NULL;
+	s->in_workers--;
+	struct conn *next = s->waiting;
+	if (next) {
+		s->waiting = next->next_waiting;
+		if (!s->waiting)
+			s->waiting_last = NULL;
+	}
+	session_release(s);
+	return next;
+}
+
+/* The session a request's head names with ?sid=, if it is open. room_lock held. */
+static struct session *head_session(const char *head, size_t n)
 {
 	const char *eol = memchr(head, '\n', n);
-	if (!eol || strncmp(head, "POST ", 5) != 0)
+	if (!eol)
 		return NULL;
 	const char *p = memchr(head, '?', (size_t)(eol - head));
 	while (p && p < eol) {
@@ -3194,7 +3251,7 @@ static struct session *post_session(const char *head, size_t n)
 static bool conn_post_begins(struct conn *c)
 {
 	room_lock_acquire();
-	struct session *s = post_session(c->in.p, c->head_len);
+	struct session *s = strncmp(c->in.p, "POST ", 5) == 0 ? head_session(c->in.p, c->head_len) : NULL;
 	if (s && !s->post_active) {
 		s->post_active = true;
 		s->post_conn = c;
@@ -3466,14 +3523,17 @@ static void conns_take_back(void)
 	while (list) {
 		struct conn *c = list;
 		list = c->next_back;
-		if (c->back_gone) {
-			c->state = C_WORKER;
+		room_lock_acquire();
+		struct conn *next = conn_order_release(c);
+		room_unlock();
+		if (c->back_gone)
 			conn_close(c); /* its socket is civetweb's or a WebSocket's now */
-		} else if (c->back_park) {
+		else if (c->back_park)
 			conn_park(c);
-		} else {
+		else
 			conn_start_answer(c);
-		}
+		if (next)
+			conn_produce(next); /* after this one is parked or answered */
 	}
 }
 
@@ -5013,13 +5073,53 @@ static bool is_websocket_upgrade(struct mg_connection *c)
 static int refuse_session(struct mg_connection *mc, const char *headers, const char *refusal);
 static int request_peer(struct mg_connection *mc);
 
-static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int eio,
-                      const char *sid, const char *headers)
+/* Is this a WebSocket handshake we can answer? Writes Sec-WebSocket-Accept's value. */
+static bool ws_handshake_valid(struct mg_connection *mc, char accept[29])
 {
 	const char *key = mg_get_header(mc, "Sec-WebSocket-Key");
 	const char *version = mg_get_header(mc, "Sec-WebSocket-Version");
 	if (!key || strlen(key) != 24 || !version || strcmp(version, "13") != 0 ||
 	    strcmp(mg_get_request_info(mc)->request_method, "GET") != 0)
+		return false;
+	ws_accept_key(key, accept);
+	return true;
+}
+
+static void ws_101(struct buf *out, const char *accept, const char *headers)
+{
+	buf_printf(out, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+	                "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
+	           accept, headers ? headers : "");
+}
+
+/* A WebSocket for a session that has one, or is getting one: the handshake completes, and
+ * a close frame follows at once, as in Node. */
+static int ws_upgrade_refused(struct mg_connection *mc, const char *headers)
+{
+	char accept[29];
+	if (!ws_handshake_valid(mc, accept))
+		return eio_error_reply(mc, E_REQUEST, headers);
+	struct buf head = {0};
+	ws_101(&head, accept, headers);
+	buf_add(&head, "\x88\x00", 2); /* a close frame without a code */
+	http_close_after(mc);
+#if CIVETWEB_EMBEDDED
+	struct conn *c = conn_of_request(mc);
+	gather_text(&c->out, head.p, head.len);
+	c->close_after = true;
+	conn_hand_back(mc, c, false);
+#else
+	mg_write(mc, head.p, head.len);
+#endif
+	buf_free(&head);
+	return 101;
+}
+
+static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int eio,
+                      const char *sid, const char *headers)
+{
+	char accept[29];
+	if (!ws_handshake_valid(mc, accept))
 		return eio_error_reply(mc, E_REQUEST, headers);
 
 	/* A new session is opened before the 101, so that a full room is refused in HTTP;
@@ -5038,12 +5138,8 @@ static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int e
 	uint32_t opened_gen = s ? s->gen : 0;
 	room_unlock(); /* the slot is reserved; the wire thread does not know it yet */
 
-	char accept[29];
-	ws_accept_key(key, accept);
 	struct buf head = {0};
-	buf_printf(&head, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-	                  "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
-	           accept, headers ? headers : "");
+	ws_101(&head, accept, headers);
 	bool worker_waits = false;
 	int fd = -1, peer = -1;
 	struct buf early = {0};
@@ -5998,7 +6094,11 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 	if (upgrade) {
 		bool ok = websocket && s->transport == POLLING && !s->probe;
 		room_unlock();
-		return ok ? ws_upgrade(c, ep, eio, sid, headers) : eio_error_reply(c, E_REQUEST, headers);
+		if (ok)
+			return ws_upgrade(c, ep, eio, sid, headers);
+		/* upgraded already, or another probe under way: as Node, the handshake completes
+		 * and the socket is closed at once */
+		return websocket ? ws_upgrade_refused(c, headers) : eio_error_reply(c, E_REQUEST, headers);
 	}
 	if (strcmp(method, "GET") == 0)
 		return poll_get(c, s, headers);

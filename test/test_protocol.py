@@ -229,14 +229,14 @@ def test_upgrade_and_its_edge_cases(ps, eio):
     assert sess.split(parked["r"].text) == ["6"]      # the waiting GET is released
     assert sess.split(sess.get().text) == ["6"]       # a GET during the upgrade: noop
     second = RawWS(ps.host, ps.port, f"/engine.io/?EIO={eio}&transport=websocket&sid={sess.sid}")
-    assert second.status == 400                       # a second probe while one is on
+    assert (second.status, second.expect_close()) == (101, 1005)  # a second probe: closed
     second.close()
     ws.send_text("5")
     ws.send_text("4after")
     assert ws.recv_message() == "4after"
     assert sess.get().status_code == 400              # a GET after the upgrade
     third = RawWS(ps.host, ps.port, f"/engine.io/?EIO={eio}&transport=websocket&sid={sess.sid}")
-    assert third.status == 400                        # a WebSocket on an upgraded sid
+    assert (third.status, third.expect_close()) == (101, 1005)  # on an upgraded sid: closed
     third.close()
     ws.send_text("4still")
     assert ws.recv_message() == "4still"

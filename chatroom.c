@@ -4824,6 +4824,35 @@ static bool wire_flush(void)
 	return true;
 }
 
+/*
+ * Past --max-memory, the clients furthest behind go first: the one with the largest
+ * backlog is dropped, then the next, until what their queues hold would bring us back
+ * under. (What they share with others is freed only when those have sent it too: the
+ * next round looks again.) Wire thread.
+ */
+static void memory_relieve(void)
+{
+	size_t held = atomic_load_explicit(&mem_held, memory_order_relaxed);
+	if (held <= opt.max_memory)
+		return;
+	size_t excess = held - opt.max_memory;
+	room_lock_acquire();
+	for (int k = 0; k < 64 && excess > 0; k++) {
+		struct session *worst = NULL;
+		for (int i = 0; i < slots_high; i++) {
+			struct session *s = &sessions[i];
+			if (s->state == S_OPEN && !s->doomed && s->qbytes > 0 &&
+			    (!worst || s->qbytes > worst->qbytes))
+				worst = s;
+		}
+		if (!worst)
+			break;
+		excess -= worst->qbytes < excess ? worst->qbytes : excess;
+		session_doom(worst, "server memory budget");
+	}
+	room_unlock();
+}
+
 /* A socket can take more bytes again. */
 static void wire_writable(struct wsconn *ws)
 {
@@ -4992,6 +5021,7 @@ static void *wire_main(void *arg)
 		}
 		wire_flush();
 		wire_bury();
+		memory_relieve();
 	}
 	return NULL;
 }
@@ -5692,6 +5722,10 @@ static struct {
 	size_t bytes;
 } history;
 
+/* The history event is built once and shared by every newcomer until the next message:
+ * a crowd of joiners that do not read holds one copy of it, not one each. */
+static struct blob *history_event;
+
 static void history_drop_oldest(void)
 {
 	free(history.items[history.head]);
@@ -5715,25 +5749,28 @@ static void history_add(const char *json, size_t len)
 	history.items[at] = xstrndup(json, len);
 	history.lens[at] = len;
 	history.bytes += len;
+	blob_unref(history_event);
+	history_event = NULL;
 }
 
 static void history_send(struct session *s)
 {
 	if (opt.history == 0)
 		return;
-	struct buf b = {0};
-	sio_head(&b, SIO_EVENT, span_of("/"), 0, NO_ACK);
-	buf_adds(&b, "[\"history\",[");
-	for (int i = 0; i < history.count; i++) {
-		int at = (history.head + i) % opt.history;
-		if (i)
-			buf_addc(&b, ',');
-		buf_add(&b, history.items[at], history.lens[at]);
+	if (!history_event) {
+		struct buf b = {0};
+		sio_head(&b, SIO_EVENT, span_of("/"), 0, NO_ACK);
+		buf_adds(&b, "[\"history\",[");
+		for (int i = 0; i < history.count; i++) {
+			int at = (history.head + i) % opt.history;
+			if (i)
+				buf_addc(&b, ',');
+			buf_add(&b, history.items[at], history.lens[at]);
+		}
+		buf_adds(&b, "]]");
+		history_event = blob_from_buf(&b);
 	}
-	buf_adds(&b, "]]");
-	struct blob *msg = blob_from_buf(&b);
-	session_send(s, msg, false);
-	blob_unref(msg);
+	session_send(s, history_event, false);
 }
 
 /*
@@ -6353,10 +6390,39 @@ static void civetweb_listener_silence(void)
 }
 #endif
 
+/* "64 MiB", "30.5 MiB", "128 KiB", "900 B": a size as a person reads it. */
+static const char *size_text(size_t n, char out[32])
+{
+	static const char *const units[] = {"B", "KiB", "MiB", "GiB"};
+	double v = (double)n;
+	int u = 0;
+	while (v >= 1024 && u < 3)
+		v /= 1024, u++;
+	if (v == (double)(long)v)
+		snprintf(out, 32, "%ld %s", (long)v, units[u]);
+	else
+		snprintf(out, 32, "%.1f %s", v, units[u]);
+	return out;
+}
+
+/* The budgets in force: an operator sees what the defaults came to on this machine. */
+static void print_budgets(int fds, int workers)
+{
+	int conns = fds - 64 < MAX_CONNS ? fds - 64 : MAX_CONNS;
+	printf("Up to %d connections at once (file descriptors allowed: %d), %d HTTP workers.\n",
+	       conns < 0 ? 0 : conns, fds, workers);
+	char queue[32], rate[32], memory[32];
+	printf("Limits: a client may fall %s behind and send %s/s; an address may hold %d "
+	       "connections and %d clients and join %d times a minute; all clients together "
+	       "may hold %s.\n",
+	       size_text(opt.queue_limit, queue),
+	       opt.inbound_rate ? size_text(opt.inbound_rate, rate) : "any number of bytes",
+	       opt.conns_per_address, opt.sessions_per_address, opt.joins_per_minute,
+	       size_text(opt.max_memory, memory));
+}
+
 static void print_addresses(bool ipv6)
 {
-	printf("chatroom %s: a Socket.IO chat room, %d places, path %s\n", CHATROOM_VERSION,
-	       opt.max_clients, opt.path);
 #if !CIVETWEB_EMBEDDED
 	if (!mg_check_feature(8))
 		printf("(this civetweb was built without IPv6: listening on IPv4 only)\n");
@@ -6522,10 +6588,10 @@ static void server_start(void)
 	civetweb_listener_silence();
 #endif
 	pthread_create(&wire.thread, NULL, wire_main, NULL); /* now connections flow */
+	printf("chatroom %s: a Socket.IO chat room, %d places, path %s\n", CHATROOM_VERSION,
+	       opt.max_clients, opt.path);
+	print_budgets(fds, nthreads);
 	print_addresses(ipv6);
-	int conns = fds - 64 < MAX_CONNS ? fds - 64 : MAX_CONNS;
-	printf("Up to %d connections at once (file descriptors allowed: %d), %d HTTP workers.\n",
-	       conns < 0 ? 0 : conns, fds, nthreads);
 	fflush(stdout);
 }
 

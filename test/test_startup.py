@@ -124,7 +124,9 @@ DEFAULTS = textwrap.dedent("""
     sh("ip addr add 10.11.12.13/24 dev v0 && ip -6 addr add fd12::13/64 dev v0 nodad")
     sh("ip link set v0 up && ip link set v1 up")
     p = subprocess.Popen([sys.argv[1]], stdout=subprocess.PIPE, text=True)
-    lines = [p.stdout.readline() for _ in range(6)]
+    lines = [p.stdout.readline()]
+    while lines[-1] and "Ctrl+C" not in lines[-1]:
+        lines.append(p.stdout.readline())
     answers = {}
     for host in ["127.0.0.1", "::1", "10.11.12.13", "fd12::13"]:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -371,13 +371,13 @@ static void parse_options(int argc, char **argv)
 			opt.ping_timeout = (int)parse_number("--ping-timeout", optarg, 10, 3600000);
 			break;
 		case OPT_MAX_PAYLOAD:
-			opt.max_payload = (size_t)parse_number("--max-payload", optarg, 64, 100000000);
+			opt.max_payload = (size_t)parse_size("--max-payload", optarg, 64, 100000000);
 			break;
 		case OPT_MAX_CLIENTS:
 			opt.max_clients = (int)parse_number("--max-clients", optarg, 1, MAX_CLIENTS);
 			break;
 		case OPT_QUEUE_LIMIT:
-			opt.queue_limit = (size_t)parse_number("--queue-limit", optarg, 1024, 1L << 30);
+			opt.queue_limit = (size_t)parse_size("--queue-limit", optarg, 1024, 1u << 30);
 			break;
 		case OPT_THREADS:
 			opt.threads = (int)parse_number("--threads", optarg, 4, 65536);
@@ -1691,16 +1691,38 @@ static bool peer_may_join(int i)
  * Buffers that would grow past --max-memory are refused, and their client dropped; when
  * queued blobs pass it, the clients furthest behind are dropped first (memory_relieve).
  */
-static atomic_size_t mem_held;
+static atomic_size_t mem_held;    /* all of it */
+static atomic_size_t mem_inbound; /* the part clients are still sending us */
 
 static void mem_take(size_t n) { atomic_fetch_add_explicit(&mem_held, n, memory_order_relaxed); }
 static void mem_give(size_t n) { atomic_fetch_sub_explicit(&mem_held, n, memory_order_relaxed); }
 
-/* May a client's buffer grow by n bytes? */
-static bool mem_room_for(size_t n)
+static void inbound_mem_take(size_t n)
 {
+	mem_take(n);
+	atomic_fetch_add_explicit(&mem_inbound, n, memory_order_relaxed);
+}
+
+static void inbound_mem_give(size_t n)
+{
+	mem_give(n);
+	atomic_fetch_sub_explicit(&mem_inbound, n, memory_order_relaxed);
+}
+
+static void memory_relieve(size_t extra);
+
+/* May a client's input buffer grow by n bytes? What clients are still sending may take
+ * half the budget, no more: the rest is for what they are sent. Past the whole budget,
+ * queued data makes way (memory_relieve drops the clients furthest behind). */
+static bool inbound_mem_room(size_t n)
+{
+	size_t in = atomic_load_explicit(&mem_inbound, memory_order_relaxed);
+	if (in > opt.max_memory / 2 || n > opt.max_memory / 2 - in)
+		return false;
 	size_t held = atomic_load_explicit(&mem_held, memory_order_relaxed);
-	return held <= opt.max_memory && n <= opt.max_memory - held;
+	if (held > opt.max_memory || n > opt.max_memory - held)
+		memory_relieve(n);
+	return true;
 }
 
 struct blob {
@@ -2924,22 +2946,25 @@ static void conn_set_state(struct conn *c, enum conn_state state)
 		head_list_add(c);
 }
 
-/* Buffers of ours that clients fill count against the memory budget. */
+/* Buffers of ours that clients fill count against the memory budget. A request head
+ * (HEAD_MAX at most, and the connections an address may hold are counted) is always let
+ * in, so that a budget full of half-sent bodies does not lock newcomers out; a body must
+ * fit in the budget's share for input. */
 static bool conn_in_reserve(struct conn *c, size_t more)
 {
 	size_t cap = c->in.cap;
 	if (c->in.len + more <= cap)
 		return true;
-	if (!mem_room_for(more))
+	if (c->state != C_HEAD && !inbound_mem_room(more))
 		return false;
 	buf_reserve(&c->in, more);
-	mem_take(c->in.cap - cap);
+	inbound_mem_take(c->in.cap - cap);
 	return true;
 }
 
 static void conn_in_free(struct conn *c)
 {
-	mem_give(c->in.cap);
+	inbound_mem_give(c->in.cap);
 	buf_free(&c->in);
 }
 
@@ -4271,7 +4296,7 @@ static void ws_destroy(struct wsconn *ws)
 	for (int i = 0; i < ws->nout; i++)
 		blob_unref(ws->out[i].blob);
 	ws->nout = 0;
-	mem_give(ws->rcap + ws->msg.cap);
+	inbound_mem_give(ws->rcap + ws->msg.cap);
 	free(ws->rbuf);
 	ws->rbuf = NULL;
 	ws->rcap = ws->rlen = 0;
@@ -4454,12 +4479,12 @@ static bool ws_close_payload_ok(const unsigned char *p, size_t len)
 static bool ws_msg_add(struct wsconn *ws, const unsigned char *p, size_t len)
 {
 	size_t cap = ws->msg.cap;
-	if (ws->msg.len + len > cap && !mem_room_for(ws->msg.len + len - cap)) {
+	if (ws->msg.len + len > cap && !inbound_mem_room(ws->msg.len + len - cap)) {
 		ws_close(ws, 1013, "server memory budget");
 		return false;
 	}
 	buf_add(&ws->msg, p, len);
-	mem_take(ws->msg.cap - cap);
+	inbound_mem_take(ws->msg.cap - cap);
 	return true;
 }
 
@@ -4514,7 +4539,7 @@ static void ws_frame(struct wsconn *ws, bool fin, int op, unsigned char *p, size
 		ws->msg_opcode = 0;
 		ws->msg.len = 0;
 		if (ws->msg.cap > 65536) {
-			mem_give(ws->msg.cap);
+			inbound_mem_give(ws->msg.cap);
 			buf_free(&ws->msg);
 		}
 	}
@@ -4579,12 +4604,12 @@ static bool ws_rbuf_reserve(struct wsconn *ws, size_t need)
 	size_t cap = need < 4096 ? 4096 : need;
 	if (cap < 2 * ws->rcap)
 		cap = 2 * ws->rcap;
-	if (!mem_room_for(cap - ws->rcap)) {
+	if (!inbound_mem_room(cap - ws->rcap)) {
 		ws_close(ws, 1013, "server memory budget");
 		ws->rlen = 0;
 		return false;
 	}
-	mem_take(cap - ws->rcap);
+	inbound_mem_take(cap - ws->rcap);
 	ws->rbuf = xrealloc(ws->rbuf, cap);
 	ws->rcap = cap;
 	return true;
@@ -4636,7 +4661,7 @@ static void ws_take_input(struct wsconn *ws, unsigned char *in, size_t n)
 	}
 	ws->rlen = rest;
 	if (rest == 0 && ws->rcap > 65536) { /* give back the room a big message took */
-		mem_give(ws->rcap);
+		inbound_mem_give(ws->rcap);
 		free(ws->rbuf);
 		ws->rbuf = NULL;
 		ws->rcap = 0;
@@ -4825,14 +4850,14 @@ static bool wire_flush(void)
 }
 
 /*
- * Past --max-memory, the clients furthest behind go first: the one with the largest
- * backlog is dropped, then the next, until what their queues hold would bring us back
- * under. (What they share with others is freed only when those have sent it too: the
- * next round looks again.) Wire thread.
+ * Past --max-memory (with `extra` more to come), the clients furthest behind go first:
+ * the one with the largest backlog is dropped, then the next, until what their queues
+ * hold would bring us back under. (What they share with others is freed only when those
+ * have sent it too: the next round looks again.) Any thread, room_lock not held.
  */
-static void memory_relieve(void)
+static void memory_relieve(size_t extra)
 {
-	size_t held = atomic_load_explicit(&mem_held, memory_order_relaxed);
+	size_t held = atomic_load_explicit(&mem_held, memory_order_relaxed) + extra;
 	if (held <= opt.max_memory)
 		return;
 	size_t excess = held - opt.max_memory;
@@ -5021,7 +5046,7 @@ static void *wire_main(void *arg)
 		}
 		wire_flush();
 		wire_bury();
-		memory_relieve();
+		memory_relieve(0);
 	}
 	return NULL;
 }
@@ -5228,7 +5253,7 @@ static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int e
 	}
 	/* Early bytes are parsed by the wire thread before anything it reads: asking for
 	 * EPOLLOUT too, on a socket that is writable, makes sure it looks at once. */
-	mem_take(early.cap);
+	inbound_mem_take(early.cap);
 	ws->rbuf = (unsigned char *)early.p;
 	ws->rlen = early.len;
 	ws->rcap = early.cap;

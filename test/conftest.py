@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import requests.adapters
 import socketio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,18 @@ def have_ipv6_loopback():
         return True
     except OSError:
         return False
+
+
+def netns_argv():
+    """The command that runs a program in a network namespace of its own: unshare -n as
+    root, unshare -rn (a user namespace too) otherwise; None if neither works here."""
+    for argv in (["unshare", "-n"], ["unshare", "-rn"]):
+        try:
+            if subprocess.run(argv + ["true"], capture_output=True, timeout=10).returncode == 0:
+                return argv
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
 
 
 def free_port():
@@ -275,13 +288,28 @@ def chatters():
 
 # ---- raw Engine.IO over HTTP ---------------------------------------------------------
 
+class SourceAddress(requests.adapters.HTTPAdapter):
+    """Makes a requests.Session connect from a given local address (any 127.x.y.z on
+    loopback), as a client on another host would."""
+
+    def __init__(self, source, **kw):
+        self.source = source
+        super().__init__(**kw)
+
+    def init_poolmanager(self, *args, **kw):
+        kw["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kw)
+
+
 class Polling:
     """A hand-driven Engine.IO long-polling session (protocol 4 unless told)."""
 
-    def __init__(self, server, eio=4, handshake=True):
+    def __init__(self, server, eio=4, handshake=True, source=None):
         self.server = server
         self.eio = eio
         self.http = requests.Session()
+        if source:
+            self.http.mount("http://", SourceAddress(source))
         self.sid = None
         if handshake:
             r = self.http.get(server.eio, params={"EIO": eio, "transport": "polling"}, timeout=5)

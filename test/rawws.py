@@ -13,9 +13,11 @@ class Closed(Exception):
 
 
 class RawWS:
-    def __init__(self, host, port, path, timeout=5.0, headers="", early=b""):
-        """early: bytes sent in the same write as the request, before any answer."""
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host, port, path, timeout=5.0, headers="", early=b"", source=None):
+        """early: bytes sent in the same write as the request, before any answer;
+        source: the local address to connect from (any 127.x.y.z on loopback)."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         key = base64.b64encode(os.urandom(16)).decode()
         request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"

@@ -11,16 +11,18 @@ from rawws import RawWS, Closed
 LOGIN = '42["msg",{"username":'
 
 
-def joined(server, auth=""):
-    """A raw client that has joined the room; returns it with its nickname."""
-    ws = RawWS.engineio(server)
+def joined(server, auth="", source=None, history=True):
+    """A raw client that has joined the room; returns it with its nickname. history:
+    whether the server sends newcomers the last messages (not with --history 0)."""
+    ws = RawWS.engineio(server, source=source)
     assert ws.recv_message()[0] == "0"
     ws.send_text("40" + auth)
     answer = ws.recv_message()
     assert answer.startswith('40{"sid":"'), answer
     login = ws.recv_message()
     assert login.startswith(LOGIN)
-    assert ws.recv_message().startswith('42["history",')  # the last messages, for newcomers
+    if history:
+        assert ws.recv_message().startswith('42["history",')  # the last messages
     ws.sid = json.loads(answer[2:])["sid"]
     ws.nick = json.loads(login[2:])[1]["username"]
     return ws

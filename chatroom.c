@@ -2716,6 +2716,7 @@ static const char *http_status_text(int status)
 	case 403: return "Forbidden";
 	case 404: return "Not Found";
 	case 405: return "Method Not Allowed";
+	case 408: return "Request Timeout";
 	case 411: return "Length Required";
 	case 413: return "Payload Too Large";
 	case 429: return "Too Many Requests";
@@ -2822,6 +2823,16 @@ enum conn_state {
 	C_LINGER,  /* closing: our FIN is out, the client's awaited */
 };
 
+/* What a connection answers with. */
+struct answer {
+	struct gather out;
+	size_t sent;
+	char *headers;       /* a long-poll GET's extra headers (CORS), or NULL */
+	struct packet take[POLL_MAX_PACKETS]; /* the packets a long-poll GET answers with */
+	int ntake;
+	size_t take_cost;    /* their queue cost, given back to the session once written */
+};
+
 struct conn {
 	enum conn_state state;
 	int index;
@@ -2840,17 +2851,12 @@ struct conn {
 	bool body_refused;   /* longer than --max-payload: not read, and the connection closes */
 
 	/* the answer */
-	struct gather out;
-	size_t sent;
+	struct answer *a;    /* while it answers or waits to (kept small while it idles) */
 	bool close_after;
 	struct session *s;   /* the session of its long-poll GET */
 	uint32_t s_gen;
 	int eio;
 	bool b64;
-	char *headers;       /* the GET's extra headers (CORS), or NULL */
-	struct packet take[POLL_MAX_PACKETS]; /* what it will answer with */
-	int ntake;
-	size_t take_cost;    /* their queue cost, given back to the session once written */
 
 	bool paused;         /* its body is not read for now: its session is in inbound debt */
 	struct session *order_s; /* the session whose requests go to workers one at a time */
@@ -2980,11 +2986,27 @@ static void conn_in_consume(struct conn *c)
 		conn_in_free(c); /* an idle connection keeps no buffer */
 }
 
-static void conn_take_drop(struct conn *c)
+/* The connection's answer, made when first needed. */
+static struct answer *conn_answer(struct conn *c)
 {
-	for (int i = 0; i < c->ntake; i++)
-		blob_unref(c->take[i].blob);
-	c->ntake = 0;
+	if (!c->a) {
+		c->a = xmalloc(sizeof *c->a);
+		memset(c->a, 0, sizeof *c->a);
+	}
+	return c->a;
+}
+
+static void conn_answer_free(struct conn *c)
+{
+	struct answer *a = c->a;
+	if (!a)
+		return;
+	for (int i = 0; i < a->ntake; i++)
+		blob_unref(a->take[i].blob);
+	gather_free(&a->out);
+	free(a->headers);
+	free(a);
+	c->a = NULL;
 }
 
 static void session_lost_answer(struct conn *c);
@@ -3013,10 +3035,6 @@ static void conn_close(struct conn *c)
 		c->fd = -1;
 	}
 	conn_in_free(c);
-	gather_free(&c->out);
-	conn_take_drop(c);
-	free(c->headers);
-	c->headers = NULL;
 	room_lock_acquire();
 	if (c->state == C_PARKED || (c->state == C_WRITING && c->s))
 		session_lost_answer(c);
@@ -3027,6 +3045,7 @@ static void conn_close(struct conn *c)
 		c->peer = -1;
 	}
 	room_unlock();
+	conn_answer_free(c); /* after session_lost_answer, which reads its cost */
 	c->state = C_FREE;
 	c->s = NULL;
 	conn_free_slots[nconn_free++] = c->index;
@@ -3120,7 +3139,7 @@ static void conn_refuse(struct conn *c, int status)
 	struct gather body = {0};
 	const char *text = http_status_text(status);
 	gather_text(&body, text, strlen(text));
-	http_answer(&c->out, status, "text/plain", NULL, &body, true, false);
+	http_answer(&conn_answer(c)->out, status, "text/plain", NULL, &body, true, false);
 	c->close_after = true;
 	conn_start_answer(c);
 }
@@ -3311,6 +3330,12 @@ static bool conn_pause_for_debt(struct conn *c)
 	return debt;
 }
 
+/* A body must keep arriving: no longer between two pieces than this. */
+static int64_t body_stall_ms(void)
+{
+	return opt.header_timeout < BODY_STALL_MS ? opt.header_timeout : BODY_STALL_MS;
+}
+
 /* What `in` holds now may complete a head, or a body: then on to a worker. */
 static void conn_advance(struct conn *c)
 {
@@ -3347,7 +3372,7 @@ static void conn_advance(struct conn *c)
 	if (c->in.len >= c->head_len + c->body_len)
 		conn_to_worker(c);
 	else
-		conn_deadline(c, now + BODY_STALL_MS); /* it moves: so does the stall deadline */
+		conn_deadline(c, now + body_stall_ms()); /* it moves: so does the stall deadline */
 }
 
 /* The socket is readable. Reads at most what the request may still need (a head of
@@ -3366,24 +3391,23 @@ static void conn_read(struct conn *c)
 		conn_advance(c);
 		return;
 	}
-	if (c->state == C_LINGER) {
-		static char drain[65536];
-		ssize_t n = recv(c->fd, drain, sizeof drain, MSG_DONTWAIT);
-		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
-			conn_close(c);
-		return;
-	}
-	if (!conn_in_reserve(c, want)) {
-		conn_refuse(c, 503); /* the memory budget is spent */
-		return;
-	}
-	ssize_t n = recv(c->fd, c->in.p + c->in.len, want, MSG_DONTWAIT);
+	/* into scratch space first: a connection keeps only what it was sent, so half a head
+	 * costs its few bytes, not HEAD_MAX */
+	static char scratch[65536]; /* the wire thread's alone */
+	ssize_t n = recv(c->fd, scratch, want, MSG_DONTWAIT);
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return;
 	if (n <= 0) {
 		conn_close(c);
 		return;
 	}
+	if (c->state == C_LINGER)
+		return; /* what comes after our answer is dropped */
+	if (!conn_in_reserve(c, (size_t)n)) {
+		conn_refuse(c, 503); /* the memory budget is spent */
+		return;
+	}
+	memcpy(c->in.p + c->in.len, scratch, (size_t)n);
 	c->in.len += (size_t)n;
 	conn_advance(c);
 }
@@ -3391,16 +3415,15 @@ static void conn_read(struct conn *c)
 /* The answer is written: keep the connection for its next request, or close it. */
 static void conn_answered(struct conn *c)
 {
-	gather_free(&c->out);
-	c->sent = 0;
 	if (c->s) {
 		room_lock_acquire();
 		struct session *s = c->s;
 		if (s->gen == c->s_gen && s->state == S_OPEN)
-			s->qbytes -= c->take_cost;
+			s->qbytes -= c->a->take_cost;
 		c->s = NULL;
 		room_unlock();
 	}
+	conn_answer_free(c);
 	if (c->close_after || stopping) {
 		shutdown(c->fd, SHUT_WR); /* then read until the client's FIN, so it sees it all */
 		conn_set_state(c, C_LINGER);
@@ -3416,9 +3439,10 @@ static void conn_answered(struct conn *c)
 /* Writes what the socket takes. Wire thread, no lock. */
 static void conn_write(struct conn *c)
 {
-	while (c->sent < c->out.len) {
+	struct answer *a = c->a;
+	while (a->sent < a->out.len) {
 		struct iovec iov[GATHER_PIECES];
-		struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)gather_iov(&c->out, c->sent, iov)};
+		struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)gather_iov(&a->out, a->sent, iov)};
 		ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -3431,7 +3455,7 @@ static void conn_write(struct conn *c)
 			conn_close(c);
 			return;
 		}
-		c->sent += (size_t)n;
+		a->sent += (size_t)n;
 	}
 	conn_answered(c);
 }
@@ -3439,7 +3463,7 @@ static void conn_write(struct conn *c)
 static void conn_start_answer(struct conn *c)
 {
 	conn_set_state(c, C_WRITING);
-	c->sent = 0;
+	conn_answer(c)->sent = 0;
 	conn_deadline(c, now_ms() + WRITE_STALL_MS);
 	conn_write(c);
 }
@@ -3453,17 +3477,18 @@ static int poll_take(struct session *s, struct packet *pk, size_t *cost);
 static void conn_poll_take(struct conn *c)
 {
 	struct session *s = c->s;
+	struct answer *a = conn_answer(c);
 	if (s && s->gen == c->s_gen && s->state != S_FREE) {
-		c->ntake = poll_take(s, c->take, &c->take_cost);
+		a->ntake = poll_take(s, a->take, &a->take_cost);
 		if (s->poll == c)
 			s->poll = NULL;
 		session_release(s);
 		if (s->state != S_OPEN)
 			c->s = NULL;
 	} else {
-		c->take[0] = (struct packet){blob_of("1", 1), false};
-		c->ntake = 1;
-		c->take_cost = 0;
+		a->take[0] = (struct packet){blob_of("1", 1), false};
+		a->ntake = 1;
+		a->take_cost = 0;
 		c->s = NULL;
 	}
 	conn_set_state(c, C_WRITING); /* no longer parked: a hang-up now costs nothing more */
@@ -3472,13 +3497,14 @@ static void conn_poll_take(struct conn *c)
 /* Builds the GET's answer from what it took, and writes it. Wire thread, no lock. */
 static void conn_poll_answer(struct conn *c)
 {
+	struct answer *a = c->a;
 	struct gather body = {0};
-	bool binary = payload_gather(&body, c->eio, c->b64, c->take, c->ntake);
-	conn_take_drop(c); /* the gather holds its own references */
-	http_answer(&c->out, 200, binary ? "application/octet-stream" : "text/plain; charset=UTF-8",
-	            c->headers, &body, c->close_after, false);
-	free(c->headers);
-	c->headers = NULL;
+	bool binary = payload_gather(&body, c->eio, c->b64, a->take, a->ntake);
+	for (int i = 0; i < a->ntake; i++)
+		blob_unref(a->take[i].blob); /* the gather holds its own references */
+	a->ntake = 0;
+	http_answer(&a->out, 200, binary ? "application/octet-stream" : "text/plain; charset=UTF-8",
+	            a->headers, &body, c->close_after, false);
 	conn_start_answer(c);
 }
 
@@ -3532,9 +3558,10 @@ static void conn_timeout(struct conn *c)
 			conn_watch(c, EPOLLIN | EPOLLRDHUP);
 			conn_advance(c);
 		}
+	} else if ((c->state == C_HEAD && c->request_at) || c->state == C_BODY) {
+		conn_refuse(c, 408); /* a head or body that stopped arriving, as Node answers it */
 	} else {
-		/* no head in time, idle too long, a stalled body or answer, lingered enough */
-		conn_close(c);
+		conn_close(c); /* an idle keep-alive connection, a stalled answer, lingered enough */
 	}
 }
 
@@ -3593,7 +3620,7 @@ static void civetweb_let_go(struct mg_connection *mc)
 }
 
 /* The worker is done: the connection goes back to the wire thread, with its answer in
- * c->out, or asking to park its GET. */
+ * c->a, or asking to park its GET. */
 static void conn_hand_back(struct mg_connection *mc, struct conn *c, bool park)
 {
 	civetweb_let_go(mc);
@@ -3801,7 +3828,7 @@ static int http_send(struct mg_connection *mc, int status, const char *type, con
 #if CIVETWEB_EMBEDDED
 	struct conn *c = conn_of_request(mc);
 	if (c) {
-		http_answer(&c->out, status, type, headers, body, close, head_only);
+		http_answer(&conn_answer(c)->out, status, type, headers, body, close, head_only);
 		c->close_after = close;
 		conn_hand_back(mc, c, false);
 		return status;
@@ -3856,7 +3883,8 @@ static int poll_get(struct mg_connection *mc, struct session *s, const char *hea
 	c->b64 = s->b64;
 	room_unlock();
 	c->close_after = http_closing(mc);
-	c->headers = headers && headers[0] ? xstrndup(headers, strlen(headers)) : NULL;
+	if (headers && headers[0])
+		conn_answer(c)->headers = xstrndup(headers, strlen(headers));
 	conn_hand_back(mc, c, true);
 	return 200;
 }
@@ -5160,7 +5188,7 @@ static int ws_upgrade_refused(struct mg_connection *mc, const char *headers)
 	http_close_after(mc);
 #if CIVETWEB_EMBEDDED
 	struct conn *c = conn_of_request(mc);
-	gather_text(&c->out, head.p, head.len);
+	gather_text(&conn_answer(c)->out, head.p, head.len);
 	c->close_after = true;
 	conn_hand_back(mc, c, false);
 #else
@@ -6390,7 +6418,7 @@ static void listeners_open(bool *ipv6_everywhere)
 			setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
 	}
 	socklen_t len = ss.ss_family == AF_INET6 ? sizeof *a6 : sizeof *a4;
-	if (fd < 0 || bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, 4096) != 0) {
+	if (fd < 0 || bind(fd, (struct sockaddr *)&ss, len) != 0) {
 		fprintf(stderr, "chatroom: cannot listen on port %d: %s\n", opt.port, port_error_text(errno));
 		exit(1);
 	}
@@ -6398,6 +6426,18 @@ static void listeners_open(bool *ipv6_everywhere)
 	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = epoll_tag(TAG_LISTEN, 0, nlisteners)};
 	epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev);
 	nlisteners++;
+}
+
+/* Connections are taken once everything has started: until then the port refuses them. */
+static void listeners_start(void)
+{
+	for (int i = 0; i < nlisteners; i++) {
+		if (listen(listeners[i], 4096) != 0) {
+			fprintf(stderr, "chatroom: cannot listen on port %d: %s\n", opt.port,
+			        port_error_text(errno));
+			exit(1);
+		}
+	}
 }
 
 /* civetweb insists on a listening socket of its own, which we give a loopback port
@@ -6612,12 +6652,15 @@ static void server_start(void)
 #if CIVETWEB_EMBEDDED
 	civetweb_listener_silence();
 #endif
-	pthread_create(&wire.thread, NULL, wire_main, NULL); /* now connections flow */
 	printf("chatroom %s: a Socket.IO chat room, %d places, path %s\n", CHATROOM_VERSION,
 	       opt.max_clients, opt.path);
 	print_budgets(fds, nthreads);
 	print_addresses(ipv6);
 	fflush(stdout);
+	pthread_create(&wire.thread, NULL, wire_main, NULL);
+#if CIVETWEB_EMBEDDED
+	listeners_start(); /* now connections flow */
+#endif
 }
 
 /* Closes every session and stops everything, within about a second. */

@@ -125,3 +125,24 @@ def test_student_build_against_debian_packages(tmp_path):
     finally:
         code, took = s.stop(timeout=5)
         assert code == 0  # Debian's civetweb takes up to 2 s to stop
+
+
+def test_armhf_room_of_10000_has_the_right_budgets():
+    """32-bit sizes: 32 x 10000^2 does not fit in a 32-bit long, and was once computed in
+    one (the queue limit came out near 2 MB). Under qemu, the armhf build with a room of
+    10000 prints the limits it computed, and chats."""
+    path = static_binary("armhf")
+    if not shutil.which(QEMU["armhf"]):
+        pytest.skip("needs qemu-arm-static (qemu-user-static)")
+    s = Server(*FAST, "--max-clients", "10000", binary=QEMU["armhf"], prefix=[str(path)],
+               env_replace={})
+    try:
+        assert s.wait_log(r"Limits: ", timeout=10)
+        out = s.stdout()
+        assert "10000 places" in out
+        assert "a client may fall 64 MiB behind" in out, out
+        assert "all clients together may hold 1 GiB" in out or "MiB." in out, out  # 32-bit cap
+        chat_smoke(s)
+    finally:
+        code, took = s.stop()
+        assert code == 0

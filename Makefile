@@ -76,12 +76,16 @@ $(BUILD)/loadgen: bench/loadgen.c
 	@mkdir -p $(BUILD)
 	$(CC) -std=c11 -Wall -Wextra -Werror -O2 -o $@ bench/loadgen.c
 
+$(BUILD)/attack: bench/attack.c
+	@mkdir -p $(BUILD)
+	$(CC) -std=c11 -Wall -Wextra -Werror -O2 -pthread -o $@ bench/attack.c
+
 bench/node_modules: bench/package.json bench/package-lock.json
 	@command -v npm >/dev/null || { echo "chatroom: the benchmark needs Node.js and npm. Fix: sudo apt-get install nodejs npm"; exit 1; }
 	cd bench && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-bench: chatroom $(BUILD)/loadgen bench/node_modules
+bench: chatroom $(BUILD)/loadgen $(BUILD)/attack bench/node_modules
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 # ---- static and cross builds ----------------------------------------------------------

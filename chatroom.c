@@ -6652,15 +6652,15 @@ static void server_start(void)
 #if CIVETWEB_EMBEDDED
 	civetweb_listener_silence();
 #endif
+	pthread_create(&wire.thread, NULL, wire_main, NULL);
+#if CIVETWEB_EMBEDDED
+	listeners_start(); /* now connections flow: everything they need has started */
+#endif
 	printf("chatroom %s: a Socket.IO chat room, %d places, path %s\n", CHATROOM_VERSION,
 	       opt.max_clients, opt.path);
 	print_budgets(fds, nthreads);
 	print_addresses(ipv6);
 	fflush(stdout);
-	pthread_create(&wire.thread, NULL, wire_main, NULL);
-#if CIVETWEB_EMBEDDED
-	listeners_start(); /* now connections flow */
-#endif
 }
 
 /* Closes every session and stops everything, within about a second. */

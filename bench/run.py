@@ -26,16 +26,18 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "build", "loadgen")
+ATTACK = os.path.join(ROOT, "build", "attack")
 
 
 class Scenario:
     def __init__(self, key, title, clients, loadgen_args, seconds=10, delta=False, compare=None,
-                 chatroom_args=(), servers=("chatroom", "node")):
+                 chatroom_args=(), servers=("chatroom", "node"), tool=LOADGEN):
         self.key, self.title, self.clients = key, title, clients
         self.loadgen_args, self.seconds, self.delta = loadgen_args, seconds, delta
         self.compare = compare  # for a stall run: the scenario it is compared with
         self.chatroom_args = list(chatroom_args)
         self.servers = servers
+        self.tool = tool  # bench/loadgen, or bench/attack for the attack scenarios
 
 
 def fanout(clients, rate, delta, seconds=10, pad=0, stall=0, key=None, title=None, **kw):
@@ -46,6 +48,18 @@ def fanout(clients, rate, delta, seconds=10, pad=0, stall=0, key=None, title=Non
     args = ["--scenario", "fanout", "--senders", "10", "--rate", str(rate), "--warmup", "2",
             "--pad", str(pad), "--stall", str(stall)]
     return Scenario(key, title or what, clients, args, seconds, delta, **kw)
+
+
+def attack(mode, conns, addresses, seconds=30):
+    """bench/attack: conns connections from addresses loopback addresses hold the server
+    (mode says how) for 30 s, while a newcomer joins every half second and is timed."""
+    what = {"half-head": "half a request head each",
+            "silent-session": "a polling handshake each, then silence",
+            "post-stall": "a POST head each, then no body"}[mode]
+    return Scenario(f"attack-{mode}-{conns}", f"{conns} connections from {addresses} addresses, "
+                    f"{what}; a newcomer joins", conns,
+                    ["--mode", mode, "--conns", str(conns), "--addresses", str(addresses)],
+                    seconds, tool=ATTACK)
 
 
 # The stall pair: a 2 MB queue bound (the default for a room of 100) and 32 kB messages,
@@ -66,12 +80,10 @@ SCENARIOS = [
              ["--scenario", "join"]),
     Scenario("hold-10000", "10000 delta clients held 60 s, answering pings", 10000,
              ["--scenario", "hold", "--ramp", "500"], seconds=60, delta=True),
-    Scenario("hold-10000-ws", "the same, chatroom with --threads 1024 (a WebSocket room)", 10000,
-             ["--scenario", "hold", "--ramp", "500"], seconds=60, delta=True,
-             chatroom_args=["--threads", "1024"], servers=("chatroom",)),
     fanout(key="stall-base", **STALL),
     fanout(key="stall-1", stall=1, compare="stall-base", **STALL),
-]
+] + [attack(mode, conns, addresses) for conns, addresses in ((1500, 300), (5000, 1000))
+     for mode in ("half-head", "silent-session", "post-stall")]
 
 
 def free_port():
@@ -110,10 +122,12 @@ def settle(pid, timeout=30):
 
 
 def start_chatroom(port, scenario):
+    cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+    if scenario.tool == ATTACK:  # attacks meet the defaults, as on a server someone runs
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Room just big enough, as someone running this many clients would configure it.
-    cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port),
-           "--max-clients", str(max(scenario.clients, 100)), "--flood-limit", "0",
-           "--inbound-rate", "0", "--history", "0", "--quiet"] + scenario.chatroom_args
+    cmd += ["--max-clients", str(max(scenario.clients, 100)), "--flood-limit", "0",
+            "--inbound-rate", "0", "--history", "0"] + scenario.chatroom_args
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -131,10 +145,13 @@ def run_one(name, start, scenario, quick):
     try:
         wait_listening(port, proc)
         settle(proc.pid)  # idle RSS is measured from here
-        seconds = min(scenario.seconds, 5 if scenario.key.startswith("fanout") else 20) \
+        seconds = min(scenario.seconds, 5 if scenario.key.startswith("fanout") else 10) \
             if quick else scenario.seconds
-        cmd = [LOADGEN, "--port", str(port), "--clients", str(scenario.clients),
-               "--seconds", str(seconds), "--server-pid", str(proc.pid)] + scenario.loadgen_args
+        if scenario.tool == ATTACK:
+            cmd = [ATTACK, "--port", str(port), "--seconds", str(seconds)] + scenario.loadgen_args
+        else:
+            cmd = [LOADGEN, "--port", str(port), "--clients", str(scenario.clients),
+                   "--seconds", str(seconds), "--server-pid", str(proc.pid)] + scenario.loadgen_args
         if scenario.delta:
             cmd.append("--delta")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -162,6 +179,13 @@ def per_msg_us(r):
 
 def rows_for(scenario, r, results):
     """(metric, value, lower_is_better) rows for one server's result."""
+    if "mode" in r:  # bench/attack
+        n = r["newcomers"]
+        return [("attackers held at the end", r["held_at_end"], None),
+                ("newcomers who joined", f'{n - r["newcomers_failed"]}/{n}', None),
+                ("newcomer join p50 ms", r["newcomer_p50_ms"], True),
+                ("newcomer join max ms", r["newcomer_max_ms"], True),
+                ("newcomers over 250 ms", r["newcomers_over_250ms"], True)]
     kind = r["scenario"]
     rows = []
     if kind == "fanout":

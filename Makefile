@@ -35,7 +35,7 @@ SANITIZE      := -fsanitize=address,undefined,pointer-compare,pointer-subtract -
 SOURCES := chatroom.c name.txt web/index.html Makefile
 
 .PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean \
-        protocol-server static install bench
+        protocol-server conformance static install bench
 
 all: chatroom
 
@@ -67,6 +67,15 @@ run: chatroom
 # The server the official Engine.IO and Socket.IO test suites expect: port 3000.
 protocol-server: $(BUILD)/protocol-server
 	$(BUILD)/protocol-server
+
+# The official suites (mocha, from npm), against the protocol test server and its
+# ASan+UBSan build; each run must end with engine.io: 24/24, socket.io: 32/32.
+CONFORMANCE ?= ../shared/conformance
+
+conformance: $(BUILD)/protocol-server $(BUILD)/protocol-server-asan
+	@[ -x "$(CONFORMANCE)/run.sh" ] || { echo "chatroom: the official protocol suites are not in $(CONFORMANCE). They are the test-suite/ folders of github.com/socketio/engine.io-protocol and github.com/socketio/socket.io-protocol, with run.sh beside them: make conformance CONFORMANCE=/path/to/them"; exit 1; }
+	$(CONFORMANCE)/run.sh $(BUILD)/protocol-server
+	$(CONFORMANCE)/run.sh $(BUILD)/protocol-server-asan
 
 # ---- the benchmark ----------------------------------------------------------------------
 # Not a test: it takes minutes and its numbers depend on the machine. bench/run.py says at

@@ -4472,9 +4472,10 @@ static void ws_message(struct wsconn *ws, bool text, const char *data, size_t le
 	if (!s)
 		return;
 	bool ok;
-	if (text) {
-		ok = len > 0 && data[0] >= '0' && data[0] <= '6';
-		ok = ok && eio_receive(s, data[0], data + 1, len - 1, false);
+	if (text) { /* a packet, or binary as "b" and base64 ("b4" in protocol 3), as clients
+	             * without binary frames send it: socket.io-client 1.x does */
+		bool open = text_packet(s, data, len, ws->eio == 3, eio_receive, &ok);
+		ok = ok && open;
 	} else if (ws->eio == 3) {
 		unsigned char type = len > 0 ? (unsigned char)data[0] : 0xFF;
 		ok = type <= 6 && eio_receive(s, (char)('0' + type), data + 1, len - 1, type == 4);

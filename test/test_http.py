@@ -4,7 +4,7 @@ import socket
 
 import requests
 
-from conftest import wait_until
+from conftest import Polling, wait_until
 from rawws import RawWS
 
 HANDSHAKE = {"EIO": 4, "transport": "polling"}
@@ -109,3 +109,75 @@ def test_one_address_cannot_take_every_connection(make_server):
     for s in idle + [other]:
         s.close()
     assert wait_until(lambda: requests.get(srv.url + "/", timeout=2).status_code == 200, 3)
+
+
+def exchange(server, request, source="127.0.0.1"):
+    """Sends a request on a fresh connection; returns (head, whether the server then
+    closed the connection)."""
+    s = idle_connection(server, source)
+    s.settimeout(3)
+    s.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next((l.split(b":")[1] for l in head.split(b"\r\n")
+                       if l.lower().startswith(b"content-length:")), b"0"))
+    while len(body) < length:
+        body += s.recv(65536)
+    s.settimeout(0.5)
+    try:
+        closed = s.recv(1) == b""
+    except socket.timeout:
+        closed = False
+    s.close()
+    return head.decode(), closed
+
+
+HANDSHAKE_GET = "GET /socket.io/?EIO=4&transport=polling HTTP/{v}\r\nHost: x\r\n{h}\r\n"
+
+
+def says_close(head):
+    return any(l.lower() == "connection: close" for l in head.split("\r\n"))
+
+
+def test_connection_close_is_said_whenever_the_connection_closes(server):
+    # RFC 9112, 9.6: a server that closes after its answer says so in it; one that says
+    # nothing keeps the connection for the next request.
+    cases = [("1.1", "", False), ("1.1", "Connection: close\r\n", True),
+             ("1.1", "Connection: keep-alive\r\n", False), ("1.0", "", True),
+             ("1.0", "Connection: keep-alive\r\n", False)]
+    for version, extra, closes in cases:
+        head, closed = exchange(server, HANDSHAKE_GET.format(v=version, h=extra).encode())
+        assert head.startswith("HTTP/1.1 200"), head
+        assert (says_close(head), closed) == (closes, closes), (version, extra, head)
+    # errors too: a bad request, an unknown path, a 404
+    for path in ("/socket.io/?EIO=9&transport=polling", "/socket.io/?transport=x", "/nope"):
+        for extra, closes in (("", False), ("Connection: close\r\n", True)):
+            head, closed = exchange(server, f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+            assert (says_close(head), closed) == (closes, closes), (path, extra, head)
+    # a POST's connection is closed by us: it says so
+    p = Polling(server)
+    head, closed = exchange(server, (f"POST /socket.io/?EIO=4&transport=polling&sid={p.sid} "
+                                     f"HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n6").encode())
+    assert head.startswith("HTTP/1.1 200") and says_close(head) and closed
+
+
+def test_a_get_sent_just_before_a_close_post_gets_its_noop(server):
+    # The Engine.IO suite sends a GET and, at once, a POST with a close packet, on two
+    # connections: the GET was first, so it is answered (noop), not refused.
+    for _ in range(20):
+        p = Polling(server)
+        get = socket.create_connection((server.host, server.port))
+        post = socket.create_connection((server.host, server.port))
+        get.sendall(f"GET /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
+                    f"Host: x\r\nConnection: close\r\n\r\n".encode())
+        post.sendall(f"POST /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
+                     f"Host: x\r\nConnection: close\r\nContent-Length: 1\r\n\r\n1".encode())
+        get.settimeout(3)
+        answer = b""
+        while chunk := get.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n6"), answer
+        get.close()
+        post.close()

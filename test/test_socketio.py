@@ -265,3 +265,27 @@ def test_too_many_attachments_close_the_session_as_in_node(server):
     a.send_text('4511-["msg",{}]')  # socket.io-parser allows at most 10
     assert a.expect_close() is not None
     assert '"logout"' in watcher.recv_message()
+
+
+def test_binary_as_base64_text_from_an_engineio_3_client(server):
+    # socket.io-client 1.x (Engine.IO 3) without binary support sends an attachment as a
+    # text frame "b4" + base64; Node relays it as binary, and so do we.
+    old = RawWS.engineio(server, query="EIO=3&transport=websocket")
+    assert old.recv_message()[0] == "0"          # open
+    assert old.recv_message() == "40"            # protocol 4: in "/" at once
+    assert old.recv_message().startswith(LOGIN)
+    old.recv_message()                            # history
+    new = joined(server)
+    old.recv_message()                            # new's login
+    old.send_text('451-["msg",{"file":{"_placeholder":true,"num":0}}]')
+    old.send_text("b4AQL6")
+    head = new.recv_message()
+    assert head.startswith('451-["msg",{"file":{"_placeholder":true,"num":0}')
+    assert new.recv_message() == b"\x01\x02\xfa"
+    # and protocol 4 clients may do the same with "b" + base64
+    new.send_text('451-["msg",{"file":{"_placeholder":true,"num":0}}]')
+    new.send_text("bAQID")
+    assert new.recv_message().startswith("451-")
+    assert new.recv_message() == b"\x01\x02\x03"
+    old.close()
+    new.close()

@@ -4,9 +4,14 @@
 #   make run          builds it and runs it on port 5000, every interface
 #   make test         builds, then runs every test against ./chatroom and again against
 #                     an ASan+UBSan build; fails if any test fails
+#   make conformance  the official Engine.IO and Socket.IO suites (../shared/conformance)
 #   make bench        runs chatroom and Node's socket.io through the same load (minutes)
 #   sudo make deps    installs what building needs (Debian, Ubuntu)
 #   sudo make test-deps   installs what the tests need as well
+#
+# make, make run and make test install what they need themselves when it is missing (as
+# root, or through sudo), saying in one line what and why; make deps and make test-deps
+# are that step on its own.
 #
 # civetweb is compiled into chatroom.c's translation unit from its source, fetched at
 # build time from Debian's package registry (apt-get source) into build/, or taken from
@@ -34,7 +39,7 @@ SANITIZE      := -fsanitize=address,undefined,pointer-compare,pointer-subtract -
 
 SOURCES := chatroom.c name.txt web/index.html Makefile
 
-.PHONY: all run test test-unit test-python test-node deps test-deps check-deps clean \
+.PHONY: all run test test-all test-unit test-python test-node deps test-deps check-deps clean \
         protocol-server conformance static install bench
 
 all: chatroom
@@ -58,8 +63,7 @@ $(CIVETWEB_C):
 	@.ci/fetch-source civetweb $(CIVETWEB_SRC)
 
 check-deps:
-	@command -v $(CC) >/dev/null || { echo "chatroom: no C compiler ($(CC)). Fix: sudo apt-get install gcc make"; exit 1; }
-	@echo '#include <jansson.h>' | $(CC) -E -x c - >/dev/null 2>&1 || { echo "chatroom: jansson's headers are missing. Fix: sudo apt-get install libjansson-dev"; exit 1; }
+	@CC=$(CC) .ci/install-deps --if-missing build
 
 run: chatroom
 	./chatroom
@@ -147,9 +151,14 @@ PYTHON := /usr/bin/python3
 
 STATIC_BINARIES := $(BUILD)/chatroom-x86_64 $(BUILD)/chatroom-arm64 $(BUILD)/chatroom-armhf
 
-test: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/protocol-server-asan \
+# What the tests need is installed first (if missing): the static builds need the cross
+# compilers, the tests their clients.
+test:
+	@.ci/install-deps --if-missing test
+	@$(MAKE) --no-print-directory test-all
+
+test-all: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/protocol-server-asan \
       $(BUILD)/unit $(STATIC_BINARIES) $(BUILD)/loadgen
-	@.ci/check-test-deps
 	$(MAKE) --no-print-directory test/node_modules
 	$(BUILD)/unit
 	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/chatroom \

@@ -5,7 +5,7 @@ import { test, after, before } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -237,5 +237,26 @@ test("screenshots at 1280x800 and 360x740", async () => {
   await narrow.screenshot({ path: path.join(artifacts, "page-360x740.png") });
   py.quit();
   await wide.close(); await narrow.close();
+  await server.stop();
+});
+
+test("a screenshot with every nickname in name.txt, each legible", async () => {
+  // Every script of the names list needs a font on the machine (test/test_fonts.py
+  // checks each character); this is the picture to look at.
+  const names = readFileSync(path.join(here, "..", "..", "name.txt"), "utf8")
+    .split("\n").map((n) => n.trim()).filter(Boolean);
+  const server = await startServer();
+  const page = await openPage(server, { width: 1280, height: 1400 });
+  const py = python(server);
+  await py.waitFor((m) => m.action === "login");
+  const lines = [];
+  for (let i = 0; i < names.length; i += 36) lines.push(names.slice(i, i + 36).join(" · "));
+  for (const line of lines) {
+    py.say(line);
+    await waitText(page, line);
+  }
+  await page.screenshot({ path: path.join(artifacts, "page-every-name.png") });
+  py.quit();
+  await page.close();
   await server.stop();
 });

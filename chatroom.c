@@ -157,6 +157,8 @@ static struct options {
 	int joins_per_minute;   /* room joins one address may make a minute, in bursts */
 	size_t max_memory;      /* bytes clients may make us hold; 0: a quarter of RAM */
 	int header_timeout;     /* ms: a request head must arrive within this */
+	const char *metrics_host; /* NULL: /metrics on the chat's port */
+	int metrics_port;
 	int connect_timeout;    /* ms: a session must join a namespace within this */
 	int history;            /* chat messages kept for newcomers; 0: none */
 	const char *path;       /* where Engine.IO listens: "/socket.io/" */
@@ -224,6 +226,8 @@ static void usage(FILE *f)
 	        "                           quarter of RAM, at most 2 GiB; suffixes K, M, G)\n"
 	        "      --header-timeout MS  a request head must arrive within this\n"
 	        "                           (default 60000)\n"
+	        "      --metrics-address ADDRESS:PORT  serve /metrics (Prometheus) there\n"
+	        "                           instead of on --port, e.g. 127.0.0.1:9100\n"
 	        "      --path PATH          where Socket.IO clients connect (default /socket.io/)\n"
 	        "      --cors-origin ORIGIN a web page's origin allowed to connect from another\n"
 	        "                           site, like https://example.org; repeatable; * for\n"
@@ -276,6 +280,33 @@ static uint64_t parse_size(const char *flag, const char *arg, uint64_t lo, uint6
 		exit(2);
 	}
 	return (uint64_t)v << shift;
+}
+
+/* ADDRESS:PORT, or [IPv6]:PORT: where an extra listener goes; or exit 2. */
+static void parse_address(const char *flag, const char *arg, const char **host, int *port)
+{
+	const char *colon = strrchr(arg, ':');
+	size_t n = colon ? (size_t)(colon - arg) : 0;
+	if (n >= 2 && arg[0] == '[' && arg[n - 1] == ']')
+		arg++, n -= 2;
+	unsigned char a[16];
+	char h[64];
+	bool ok = colon && n > 0 && n < sizeof h;
+	if (ok) {
+		memcpy(h, arg, n);
+		h[n] = 0;
+		ok = inet_pton(AF_INET, h, a) == 1 || inet_pton(AF_INET6, h, a) == 1 ||
+		     strcmp(h, "localhost") == 0;
+	}
+	if (!ok) {
+		fprintf(stderr, "chatroom: %s wants ADDRESS:PORT, like 127.0.0.1:9100, not '%s'\n", flag, arg);
+		exit(2);
+	}
+	char *copy = strdup(h);
+	if (!copy)
+		abort();
+	*host = copy;
+	*port = (int)parse_number(flag, colon + 1, 1, 65535);
 }
 
 /* "/chat" or "chat/" become "/chat/": Engine.IO paths begin and end with a slash. */
@@ -331,7 +362,7 @@ static void parse_options(int argc, char **argv)
 	enum { OPT_PING_INTERVAL = 256, OPT_PING_TIMEOUT, OPT_MAX_PAYLOAD, OPT_MAX_CLIENTS,
 	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD, OPT_CONNECT_TIMEOUT,
 	       OPT_HISTORY, OPT_INBOUND_RATE, OPT_CONNS_PER_ADDRESS, OPT_SESSIONS_PER_ADDRESS,
-	       OPT_JOINS_PER_MINUTE, OPT_MAX_MEMORY, OPT_HEADER_TIMEOUT };
+	       OPT_JOINS_PER_MINUTE, OPT_MAX_MEMORY, OPT_HEADER_TIMEOUT, OPT_METRICS_ADDRESS };
 	static const struct option longopts[] = {
 		{"port", required_argument, NULL, 'p'},
 		{"host", required_argument, NULL, 'H'},
@@ -353,6 +384,7 @@ static void parse_options(int argc, char **argv)
 		{"joins-per-minute", required_argument, NULL, OPT_JOINS_PER_MINUTE},
 		{"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
 		{"header-timeout", required_argument, NULL, OPT_HEADER_TIMEOUT},
+		{"metrics-address", required_argument, NULL, OPT_METRICS_ADDRESS},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -410,6 +442,9 @@ static void parse_options(int argc, char **argv)
 		case OPT_HEADER_TIMEOUT:
 			opt.header_timeout = (int)parse_number("--header-timeout", optarg, 100, 3600000);
 			break;
+		case OPT_METRICS_ADDRESS:
+			parse_address("--metrics-address", optarg, &opt.metrics_host, &opt.metrics_port);
+			break;
 		case OPT_PATH:
 			opt.path = normalize_path(optarg);
 			break;
@@ -430,6 +465,10 @@ static void parse_options(int argc, char **argv)
 	if (optind < argc) {
 		fprintf(stderr, "chatroom: unexpected argument '%s'\n", argv[optind]);
 		usage(stderr);
+		exit(2);
+	}
+	if (opt.metrics_host && opt.metrics_port == opt.port) {
+		fprintf(stderr, "chatroom: --metrics-address wants a port of its own, not --port's\n");
 		exit(2);
 	}
 	if (opt.queue_limit == 0)
@@ -2055,6 +2094,42 @@ struct session {
 	struct bucket flood; /* messages it may send (see flooding) */
 };
 
+/*
+ * What the server counts, for /metrics. Under room_lock, where the events happen anyway,
+ * so counting costs a plain increment; sent_bytes is the wire thread's alone (one writer,
+ * read by others: relaxed atomics, no locked instructions).
+ */
+static const char *const drop_reasons[][2] = { /* why we dropped a client -> label */
+	{"outbound queue overflow", "slow_reader"}, {"server memory budget", "memory_budget"},
+	{"excess flood", "flood"}, {"ping timeout", "ping_timeout"},
+	{"connect timeout", "connect_timeout"}, {"parse error", "protocol_error"},
+	{"invalid state", "protocol_error"}, {"invalid heartbeat direction", "protocol_error"},
+	{"server full: oldest unjoined session", "evicted"},
+};
+enum { DROP_REASONS = sizeof drop_reasons / sizeof *drop_reasons };
+
+static struct {
+	uint64_t sessions;            /* Engine.IO sessions opened */
+	uint64_t messages;            /* Socket.IO events received from clients */
+	uint64_t deliveries;          /* packets queued to clients */
+	uint64_t dropped[DROP_REASONS];
+	_Atomic uint64_t sent_bytes;  /* bytes the wire thread wrote to sockets */
+} counted;
+
+static void count_sent(size_t n)
+{
+	atomic_store_explicit(&counted.sent_bytes,
+	                      atomic_load_explicit(&counted.sent_bytes, memory_order_relaxed) + n,
+	                      memory_order_relaxed);
+}
+
+static void count_drop(const char *reason)
+{
+	for (int i = 0; reason && i < DROP_REASONS; i++)
+		if (strcmp(reason, drop_reasons[i][0]) == 0)
+			counted.dropped[i]++;
+}
+
 static pthread_mutex_t room_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct session sessions[MAX_SESSIONS];
 static pthread_cond_t session_wakes[MAX_SESSIONS];
@@ -2184,6 +2259,7 @@ static struct session *session_new(const struct endpoint *ep, int eio, enum tran
 	while (session_find(s->sid));
 	strmap_put(&sids, s->sid, index);
 	sessions_open++;
+	counted.sessions++;
 	return s;
 }
 
@@ -2241,6 +2317,7 @@ static void session_send(struct session *s, struct blob *b, bool binary)
 	}
 	outq_push(&s->q, (struct packet){blob_ref(b), binary});
 	s->qbytes += packet_cost(p);
+	counted.deliveries++;
 	session_kick(s);
 }
 
@@ -2252,6 +2329,7 @@ static void session_send_first(struct session *s, struct blob *b)
 	struct packet p = {blob_ref(b), false};
 	outq_push_front(&s->q, p);
 	s->qbytes += packet_cost(p);
+	counted.deliveries++;
 	session_kick(s);
 }
 
@@ -2314,6 +2392,7 @@ static void session_close(struct session *s, const char *reason)
 		return;
 	s->state = S_CLOSED;
 	s->close_reason = reason;
+	count_drop(reason);
 	sessions_open--;
 	strmap_del(&sids, s->sid);
 	timer_cancel(s);
@@ -3456,6 +3535,7 @@ static void conn_write(struct conn *c)
 			return;
 		}
 		a->sent += (size_t)n;
+		count_sent((size_t)n);
 	}
 	conn_answered(c);
 }
@@ -3672,7 +3752,7 @@ static void on_connection_close(const struct mg_connection *mc)
 
 /* ---- listening ---- */
 
-static int listeners[2], nlisteners;
+static int listeners[2], nlisteners; /* the chat's port, and the metrics' own if any */
 static int64_t listen_paused_until; /* out of file descriptors: accept again then */
 
 static void listeners_watch(uint32_t events)
@@ -3710,14 +3790,6 @@ static void listeners_close(void)
 		close(listeners[i]);
 	}
 	nlisteners = 0;
-}
-
-/* Closes every connection that is not busy with an answer. At shutdown. Wire thread. */
-static void conns_close_idle(void)
-{
-	for (int i = 0; i < conns_high; i++)
-		if (conns[i].state == C_HEAD || conns[i].state == C_BODY)
-			conn_close(&conns[i]);
 }
 
 /* Events for a connection. Wire thread. */
@@ -4307,6 +4379,7 @@ static bool ws_send_some(struct wsconn *ws, size_t budget)
 		}
 		plan_done(&sp, ws, (size_t)n);
 		sent += (size_t)n;
+		count_sent((size_t)n);
 	}
 	return true;
 }
@@ -5027,8 +5100,8 @@ static void *wire_main(void *arg)
 		if (stop && !stop_by) {
 			stop_by = now + CLOSE_LINGER_MS;
 #if CIVETWEB_EMBEDDED
-			listeners_close();
-			conns_close_idle();
+			listeners_close(); /* kept-alive connections are still served, answered 503
+			                    * by /healthz and closed after, until we are done */
 #endif
 		}
 		if (stop && (!wire_busy() || now > stop_by))
@@ -5619,8 +5692,10 @@ static void sio_dispatch(struct session *s, struct sio_packet *p, struct blob *c
 	}
 	if (p->type == SIO_DISCONNECT)
 		sio_leave(s, slot, "client namespace disconnect");
-	else if ((p->type == SIO_EVENT || p->type == SIO_BINARY_EVENT) && p->shape.count > 0)
+	else if ((p->type == SIO_EVENT || p->type == SIO_BINARY_EVENT) && p->shape.count > 0) {
+		counted.messages++;
 		namespaces[slot]->on_event(s, slot, p, att);
+	}
 	/* ACKs: our namespaces never ask clients for one. An EVENT without data means
 	 * nothing: Node ignores it too. */
 }
@@ -6042,6 +6117,141 @@ static const struct sio_handler chat_namespace = {
 	.on_disconnect = chat_leave,
 };
 
+/* ==================================== metrics ==================================== */
+/*
+ * /metrics, in Prometheus' text format, and /healthz for load balancers and systemd. The
+ * counters are kept where things happen (see sessions); the gauges are counted here, at
+ * scrape time, so that nothing on the message path pays for them. By default both are on
+ * the chat's port: they tell no more than the room shows anyone who joins; with
+ * --metrics-address, /metrics moves to a port of its own (for operators who keep it
+ * private) and /healthz is served on both.
+ */
+static time_t started_at; /* wall clock, for process_start_time_seconds */
+
+static void metric(struct buf *b, const char *name, const char *type, const char *help)
+{
+	buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* What /proc says of us: resident bytes, CPU seconds, open descriptors. */
+static void process_readings(double *rss, double *cpu, long *fds)
+{
+	*rss = *cpu = 0;
+	*fds = 0;
+	long page = sysconf(_SC_PAGESIZE), ticks = sysconf(_SC_CLK_TCK);
+	FILE *f = fopen("/proc/self/statm", "r");
+	unsigned long size, resident;
+	if (f && fscanf(f, "%lu %lu", &size, &resident) == 2)
+		*rss = (double)resident * (double)page;
+	if (f)
+		fclose(f);
+	char stat[1024];
+	f = fopen("/proc/self/stat", "r");
+	size_t n = f ? fread(stat, 1, sizeof stat - 1, f) : 0;
+	if (f)
+		fclose(f);
+	stat[n] = 0;
+	const char *after = strrchr(stat, ')');
+	unsigned long utime, stime;
+	if (after && sscanf(after + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+	                    &utime, &stime) == 2)
+		*cpu = (double)(utime + stime) / (double)ticks;
+	DIR *d = opendir("/proc/self/fd");
+	for (struct dirent *e; d && (e = readdir(d));)
+		*fds += e->d_name[0] != '.';
+	if (d) {
+		closedir(d);
+		(*fds)--; /* the one opendir itself holds */
+	}
+}
+
+static void metrics_write(struct buf *b)
+{
+	int by_transport[2] = {0, 0}, members;
+	size_t queued = 0;
+	uint64_t opened, messages, deliveries, dropped[DROP_REASONS];
+	room_lock_acquire();
+	for (int i = 0; i < slots_high; i++) {
+		if (sessions[i].state != S_OPEN)
+			continue;
+		by_transport[sessions[i].transport]++;
+		queued += sessions[i].qbytes;
+	}
+	members = room.count;
+	opened = counted.sessions;
+	messages = counted.messages;
+	deliveries = counted.deliveries;
+	memcpy(dropped, counted.dropped, sizeof dropped);
+	room_unlock();
+
+	metric(b, "chatroom_clients", "gauge", "Clients connected, by the transport that carries them.");
+	buf_printf(b, "chatroom_clients{transport=\"websocket\"} %d\n", by_transport[WEBSOCKET]);
+	buf_printf(b, "chatroom_clients{transport=\"polling\"} %d\n", by_transport[POLLING]);
+	metric(b, "chatroom_room_members", "gauge", "Clients in the chat room.");
+	buf_printf(b, "chatroom_room_members %d\n", members);
+	metric(b, "chatroom_connections_total", "counter", "Engine.IO sessions opened.");
+	buf_printf(b, "chatroom_connections_total %llu\n", (unsigned long long)opened);
+	metric(b, "chatroom_messages_total", "counter", "Socket.IO events received from clients.");
+	buf_printf(b, "chatroom_messages_total %llu\n", (unsigned long long)messages);
+	metric(b, "chatroom_deliveries_total", "counter", "Packets queued to clients.");
+	buf_printf(b, "chatroom_deliveries_total %llu\n", (unsigned long long)deliveries);
+	metric(b, "chatroom_sent_bytes_total", "counter", "Bytes written to clients' sockets.");
+	buf_printf(b, "chatroom_sent_bytes_total %llu\n",
+	           (unsigned long long)atomic_load_explicit(&counted.sent_bytes, memory_order_relaxed));
+	metric(b, "chatroom_dropped_clients_total", "counter",
+	       "Clients the server disconnected, by reason.");
+	for (int i = 0; i < DROP_REASONS; i++) {
+		bool first = true; /* several reasons share a label: sum them once */
+		for (int k = 0; k < i; k++)
+			first &= strcmp(drop_reasons[k][1], drop_reasons[i][1]) != 0;
+		if (!first)
+			continue;
+		uint64_t sum = 0;
+		for (int k = i; k < DROP_REASONS; k++)
+			if (strcmp(drop_reasons[k][1], drop_reasons[i][1]) == 0)
+				sum += dropped[k];
+		buf_printf(b, "chatroom_dropped_clients_total{reason=\"%s\"} %llu\n", drop_reasons[i][1],
+		           (unsigned long long)sum);
+	}
+	metric(b, "chatroom_queued_bytes", "gauge", "Bytes waiting in clients' outbound queues.");
+	buf_printf(b, "chatroom_queued_bytes %zu\n", queued);
+	metric(b, "chatroom_memory_bytes", "gauge",
+	       "Bytes clients make the server hold, counted against --max-memory.");
+	buf_printf(b, "chatroom_memory_bytes %zu\n", atomic_load(&mem_held));
+	metric(b, "chatroom_memory_limit_bytes", "gauge", "--max-memory.");
+	buf_printf(b, "chatroom_memory_limit_bytes %zu\n", opt.max_memory);
+
+	double rss, cpu;
+	long fds;
+	process_readings(&rss, &cpu, &fds);
+	metric(b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+	buf_printf(b, "process_resident_memory_bytes %.0f\n", rss);
+	metric(b, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
+	buf_printf(b, "process_cpu_seconds_total %.2f\n", cpu);
+	metric(b, "process_open_fds", "gauge", "Number of open file descriptors.");
+	buf_printf(b, "process_open_fds %ld\n", fds);
+	metric(b, "process_start_time_seconds", "gauge",
+	       "Start time of the process since unix epoch in seconds.");
+	buf_printf(b, "process_start_time_seconds %lld\n", (long long)started_at);
+}
+
+static int serve_metrics(struct mg_connection *c)
+{
+	struct buf b = {0};
+	metrics_write(&b);
+	int status = http_reply(c, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, b.p, b.len);
+	buf_free(&b);
+	return status;
+}
+
+/* 200 while we serve, 503 while we stop. */
+static int serve_health(struct mg_connection *c)
+{
+	if (stopping)
+		return http_reply(c, 503, "text/plain", NULL, "stopping\n", 9);
+	return http_reply(c, 200, "text/plain", NULL, "ok\n", 3);
+}
+
 /* ================================== HTTP routes ================================== */
 /*
  * civetweb hands every request to on_request before doing anything with it itself. Engine.IO
@@ -6247,6 +6457,14 @@ static int on_request(struct mg_connection *c)
 	const struct mg_request_info *ri = mg_get_request_info(c);
 	answer_closes = false;
 	const char *uri = ri->local_uri ? ri->local_uri : "";
+	bool get = strcmp(ri->request_method, "GET") == 0 || strcmp(ri->request_method, "HEAD") == 0;
+	bool metrics_port = opt.metrics_host && ri->server_port == opt.metrics_port;
+	if (get && strcmp(uri, "/healthz") == 0)
+		return serve_health(c);
+	if (get && strcmp(uri, "/metrics") == 0 && (metrics_port || !opt.metrics_host))
+		return serve_metrics(c);
+	if (metrics_port) /* that port serves nothing else */
+		return http_reply(c, 404, "text/plain", NULL, "Not Found\n", 10);
 	for (int i = 0; i < n_endpoints; i++) {
 		const char *path = endpoints[i]->path;
 		size_t n = strlen(path);
@@ -6318,32 +6536,49 @@ static int on_log_message(const struct mg_connection *c, const char *message)
 static struct mg_context *http_ctx;
 
 /* "5000" or "+5000" (IPv4 and IPv6) or "127.0.0.1:5000" or "[::1]:5000". */
-static bool listening_ports(char *out, size_t cap, bool *ipv6_everywhere)
+/* One civetweb port spec: "5000" or "+5000" (IPv4 and IPv6), "127.0.0.1:5000",
+ * "[::1]:5000". NULL host: every interface. */
+static bool civetweb_port(char *out, size_t cap, const char *host, int port, bool *ipv6_everywhere)
 {
 	*ipv6_everywhere = false;
-	if (!opt.host) {
+	if (!host) {
 		int probe = socket(AF_INET6, SOCK_STREAM, 0);
 		bool v6 = probe >= 0 && mg_check_feature(8);
 		if (probe >= 0)
 			close(probe);
 		*ipv6_everywhere = v6;
-		snprintf(out, cap, "%s%d", v6 ? "+" : "", opt.port);
+		snprintf(out, cap, "%s%d", v6 ? "+" : "", port);
 		return true;
 	}
-	const char *host = strcmp(opt.host, "localhost") == 0 ? "127.0.0.1" : opt.host;
+	if (strcmp(host, "localhost") == 0)
+		host = "127.0.0.1";
 	unsigned char addr[16];
 	if (inet_pton(AF_INET, host, addr) == 1) {
-		snprintf(out, cap, "%s:%d", host, opt.port);
+		snprintf(out, cap, "%s:%d", host, port);
 		return true;
 	}
 	if (inet_pton(AF_INET6, host, addr) == 1 && mg_check_feature(8)) {
-		snprintf(out, cap, "[%s]:%d", host, opt.port);
+		snprintf(out, cap, "[%s]:%d", host, port);
 		return true;
 	}
 	return false;
 }
 
-/* civetweb says only "Failed to setup server ports": find out why by trying ourselves. */
+/* civetweb's listening_ports, built against Debian's libcivetweb: the chat's port, and
+ * the metrics' if they have their own. */
+static bool listening_ports(char *out, size_t cap, bool *ipv6_everywhere)
+{
+	if (!civetweb_port(out, cap, opt.host, opt.port, ipv6_everywhere))
+		return false;
+	if (opt.metrics_host) {
+		size_t n = strlen(out);
+		bool ignored;
+		out[n] = ',';
+		return civetweb_port(out + n + 1, cap - n - 1, opt.metrics_host, opt.metrics_port, &ignored);
+	}
+	return true;
+}
+
 /* Why a port cannot be listened on, in words. */
 static const char *port_error_text(int e)
 {
@@ -6356,6 +6591,7 @@ static const char *port_error_text(int e)
 	return strerror(e);
 }
 
+/* civetweb says only "Failed to setup server ports": find out why by trying ourselves. */
 static const char *port_problem(void)
 {
 	struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)opt.port)};
@@ -6381,13 +6617,14 @@ static const char *port_problem(void)
  * IPv6 socket that takes IPv4 too, or IPv4 alone where there is no IPv6 -- or --host.
  * Exits 2 for a --host that is not an address, 1 with the reason if we cannot listen.
  */
-static void listeners_open(bool *ipv6_everywhere)
+static void listener_open(const char *host, int port, bool *ipv6_everywhere)
 {
 	struct sockaddr_storage ss;
 	memset(&ss, 0, sizeof ss);
 	struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
 	struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
-	const char *host = opt.host && strcmp(opt.host, "localhost") == 0 ? "127.0.0.1" : opt.host;
+	if (host && strcmp(host, "localhost") == 0)
+		host = "127.0.0.1";
 	int fd = -1;
 	*ipv6_everywhere = false;
 	if (!host) {
@@ -6403,15 +6640,15 @@ static void listeners_open(bool *ipv6_everywhere)
 	} else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
 		ss.ss_family = AF_INET6;
 	} else {
-		fprintf(stderr, "chatroom: --host wants an IP address, not '%s'\n", opt.host);
+		fprintf(stderr, "chatroom: wants an IP address to listen on, not '%s'\n", host);
 		exit(2);
 	}
 	if (fd < 0)
 		fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (ss.ss_family == AF_INET6)
-		a6->sin6_port = htons((uint16_t)opt.port);
+		a6->sin6_port = htons((uint16_t)port);
 	else
-		a4->sin_port = htons((uint16_t)opt.port);
+		a4->sin_port = htons((uint16_t)port);
 	int one = 1, v6only = host ? 1 : 0;
 	if (fd >= 0) {
 		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -6420,13 +6657,23 @@ static void listeners_open(bool *ipv6_everywhere)
 	}
 	socklen_t len = ss.ss_family == AF_INET6 ? sizeof *a6 : sizeof *a4;
 	if (fd < 0 || bind(fd, (struct sockaddr *)&ss, len) != 0) {
-		fprintf(stderr, "chatroom: cannot listen on port %d: %s\n", opt.port, port_error_text(errno));
+		fprintf(stderr, "chatroom: cannot listen on port %d: %s\n", port, port_error_text(errno));
 		exit(1);
 	}
 	listeners[nlisteners] = fd;
 	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = epoll_tag(TAG_LISTEN, 0, nlisteners)};
 	epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev);
 	nlisteners++;
+}
+
+/* The port or ports: the chat's, and the metrics' if they have their own. */
+static void listeners_open(bool *ipv6_everywhere)
+{
+	listener_open(opt.host, opt.port, ipv6_everywhere);
+	if (opt.metrics_host) {
+		bool ignored;
+		listener_open(opt.metrics_host, opt.metrics_port, &ignored);
+	}
 }
 
 /* Connections are taken once everything has started: until then the port refuses them. */
@@ -6738,6 +6985,7 @@ static void wait_for_signal(int sigfd)
 #ifndef CHATROOM_NO_MAIN
 int main(int argc, char **argv)
 {
+	started_at = time(NULL);
 	parse_options(argc, argv);
 	names_init();
 	int sigfd = signals_block();

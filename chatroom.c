@@ -157,6 +157,7 @@ static struct options {
 	int joins_per_minute;   /* room joins one address may make a minute, in bursts */
 	size_t max_memory;      /* bytes clients may make us hold; 0: a quarter of RAM */
 	int header_timeout;     /* ms: a request head must arrive within this */
+	int recovery_window;    /* s: a lost client may come back within this; 0: off */
 	const char *metrics_host; /* NULL: /metrics on the chat's port */
 	int metrics_port;
 	int connect_timeout;    /* ms: a session must join a namespace within this */
@@ -182,6 +183,7 @@ static struct options {
 	.joins_per_minute = 240,
 	.max_memory = 0,
 	.header_timeout = 60000,
+	.recovery_window = 15,
 	.connect_timeout = 45000,
 	.history = 50,
 	.path = "/socket.io/",
@@ -226,6 +228,9 @@ static void usage(FILE *f)
 	        "                           quarter of RAM, at most 2 GiB; suffixes K, M, G)\n"
 	        "      --header-timeout MS  a request head must arrive within this\n"
 	        "                           (default 60000)\n"
+	        "      --recovery-window S  a client that lost its connection and asked for\n"
+	        "                           recovery keeps its name and place this long\n"
+	        "                           (default 15; 0: off)\n"
 	        "      --metrics-address ADDRESS:PORT  serve /metrics (Prometheus) there\n"
 	        "                           instead of on --port, e.g. 127.0.0.1:9100\n"
 	        "      --path PATH          where Socket.IO clients connect (default /socket.io/)\n"
@@ -362,7 +367,8 @@ static void parse_options(int argc, char **argv)
 	enum { OPT_PING_INTERVAL = 256, OPT_PING_TIMEOUT, OPT_MAX_PAYLOAD, OPT_MAX_CLIENTS,
 	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD, OPT_CONNECT_TIMEOUT,
 	       OPT_HISTORY, OPT_INBOUND_RATE, OPT_CONNS_PER_ADDRESS, OPT_SESSIONS_PER_ADDRESS,
-	       OPT_JOINS_PER_MINUTE, OPT_MAX_MEMORY, OPT_HEADER_TIMEOUT, OPT_METRICS_ADDRESS };
+	       OPT_JOINS_PER_MINUTE, OPT_MAX_MEMORY, OPT_HEADER_TIMEOUT, OPT_METRICS_ADDRESS,
+	       OPT_RECOVERY_WINDOW };
 	static const struct option longopts[] = {
 		{"port", required_argument, NULL, 'p'},
 		{"host", required_argument, NULL, 'H'},
@@ -385,6 +391,7 @@ static void parse_options(int argc, char **argv)
 		{"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
 		{"header-timeout", required_argument, NULL, OPT_HEADER_TIMEOUT},
 		{"metrics-address", required_argument, NULL, OPT_METRICS_ADDRESS},
+		{"recovery-window", required_argument, NULL, OPT_RECOVERY_WINDOW},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -441,6 +448,9 @@ static void parse_options(int argc, char **argv)
 			break;
 		case OPT_HEADER_TIMEOUT:
 			opt.header_timeout = (int)parse_number("--header-timeout", optarg, 100, 3600000);
+			break;
+		case OPT_RECOVERY_WINDOW:
+			opt.recovery_window = (int)parse_number("--recovery-window", optarg, 0, 3600);
 			break;
 		case OPT_METRICS_ADDRESS:
 			parse_address("--metrics-address", optarg, &opt.metrics_host, &opt.metrics_port);
@@ -1999,7 +2009,10 @@ static size_t packet_cost(struct packet p) { return p.blob->len + QUEUE_ENTRY_CO
  * people out.
  */
 enum transport { POLLING, WEBSOCKET };
-enum session_state { S_FREE, S_OPEN, S_CLOSED };
+/* S_DETACHED: its transport is gone, but the layer above keeps it a while for the client
+ * to come back (Socket.IO's connection state recovery): no sid, no timers but that one,
+ * nothing queued; it still holds its slot, its address's count and its place. */
+enum session_state { S_FREE, S_OPEN, S_DETACHED, S_CLOSED };
 
 struct session;
 struct wsconn;
@@ -2013,6 +2026,10 @@ struct eio_app {
 	void (*on_message)(struct session *s, const char *data, size_t len, bool binary);
 	/* room_lock held: the deadline the layer set with session_deadline has come. */
 	void (*on_deadline)(struct session *s);
+	/* room_lock held, may be NULL: the transport is lost (reason says how). True keeps the
+	 * session, detached, until the layer ends it (session_end or session_discard); it
+	 * sets app_at for when to look at it again. */
+	bool (*on_lost)(struct session *s, const char *reason);
 };
 
 /* An Engine.IO server: a path and its settings. The chat has one; the test server two. */
@@ -2087,11 +2104,14 @@ struct session {
 	/* Socket.IO */
 	struct sio_socket nsp[MAX_NAMESPACES];
 	struct sio_pending pending;
+	bool recover;             /* asked for connection state recovery: it has a pid */
+	char pid[SID_LEN + 1];
 
 	/* the chat room */
 	char *nick;
 	bool delta;          /* asked for presence deltas instead of whole name lists */
 	struct bucket flood; /* messages it may send (see flooding) */
+	uint64_t joined_seq; /* the number of its own login (see recovery) */
 };
 
 /*
@@ -2178,6 +2198,7 @@ static struct session *session_find(const char *sid)
 }
 
 static void session_close(struct session *s, const char *reason);
+static void session_end(struct session *s);
 
 static void unsettled_add(struct session *s)
 {
@@ -2390,25 +2411,54 @@ static void session_close(struct session *s, const char *reason)
 {
 	if (s->state != S_OPEN)
 		return;
-	s->state = S_CLOSED;
 	s->close_reason = reason;
+	bool keep = s->ep->app->on_lost && s->ep->app->on_lost(s, reason);
+	s->state = keep ? S_DETACHED : S_CLOSED;
 	count_drop(reason);
-	sessions_open--;
 	strmap_del(&sids, s->sid);
 	timer_cancel(s);
 	unsettled_remove(s);
 	s->settled = true;
+	outq_clear(&s->q);
+	s->qbytes = 0;
+	pthread_cond_broadcast(s->wake);
+	if (s->ws || s->probe || s->poll)
+		session_mark_dirty(s); /* the wire thread closes its sockets, answers its GET */
+	if (keep)
+		timer_set(s, s->app_at); /* when the layer looks at it again */
+	else
+		session_end(s);
+}
+
+/* The session is over: the layer above says goodbye (the chat logs it out), and its
+ * slot goes once nobody refers to it. room_lock held. */
+static void session_end(struct session *s)
+{
+	if (s->state == S_DETACHED)
+		timer_cancel(s);
+	s->state = S_CLOSED;
+	sessions_open--;
 	if (s->peer >= 0) {
 		peers[s->peer].sessions--;
 		peer_let_go(s->peer);
 		s->peer = -1;
 	}
 	s->ep->app->on_close(s);
-	outq_clear(&s->q);
-	s->qbytes = 0;
-	pthread_cond_broadcast(s->wake);
-	if (s->ws || s->probe || s->poll)
-		session_mark_dirty(s); /* the wire thread closes its sockets, answers its GET */
+	session_release(s);
+}
+
+/* A detached session whose client came back in another one, which took over what the
+ * layer above kept: it goes without a word. room_lock held. */
+static void session_discard(struct session *s)
+{
+	timer_cancel(s);
+	s->state = S_CLOSED;
+	sessions_open--;
+	if (s->peer >= 0) {
+		peers[s->peer].sessions--;
+		peer_let_go(s->peer);
+		s->peer = -1;
+	}
 	session_release(s);
 }
 
@@ -2671,6 +2721,12 @@ static struct session *eio_open(const struct endpoint *ep, int eio, enum transpo
  * on a silent client. room_lock held. */
 static void eio_timer_fire(struct session *s, int64_t now)
 {
+	if (s->state == S_DETACHED) { /* only the layer's deadline is left */
+		timer_cancel(s);
+		s->app_at = 0;
+		s->ep->app->on_deadline(s);
+		return;
+	}
 	if (s->app_at && s->app_at <= now) {
 		s->app_at = 0;
 		s->ep->app->on_deadline(s);
@@ -3853,7 +3909,10 @@ static int poll_take(struct session *s, struct packet *pk, size_t *cost)
 		}
 	}
 	if (n == 0) {
-		bool close = s->state != S_OPEN && !s->closed_by_client;
+		/* At shutdown a noop, not a close packet: python-engineio takes a close packet for
+		 * the server ending the session on purpose and never reconnects; after a noop its
+		 * next request fails, and every client takes that for a lost connection. */
+		bool close = s->state != S_OPEN && !s->closed_by_client && !stopping;
 		pk[n++] = (struct packet){blob_of(close ? "1" : "6", 1), false};
 	}
 	s->get_active = false;
@@ -5415,12 +5474,27 @@ struct sio_handler {
 	void (*on_event)(struct session *s, int slot, const struct sio_packet *p,
 	                 struct blob *const *attachments);
 	void (*on_disconnect)(struct session *s, int slot, const char *reason);
+	/* Connection state recovery, for namespaces that offer it (may be NULL). A client
+	 * that asked for it lost its transport: the handler keeps its state a while. */
+	void (*on_away)(struct session *s, int slot);
+	/* It came back (in session s) with the offset it got last, or NULL: can the handler
+	 * give it what it missed? */
+	bool (*can_restore)(struct session *old, int slot, const json_t *offset);
+	/* Then s takes old's place: the CONNECT answer is queued; what it missed comes now. */
+	void (*restore)(struct session *s, struct session *old, int slot, const json_t *offset);
 };
 
 static const struct sio_handler *namespaces[MAX_NAMESPACES];
 static int n_namespaces;
 
-static void sio_register(const struct sio_handler *h) { namespaces[n_namespaces++] = h; }
+static struct strmap pids;
+
+static void sio_register(const struct sio_handler *h)
+{
+	namespaces[n_namespaces++] = h;
+	if (!pids.slots)
+		strmap_init(&pids, MAX_SESSIONS);
+}
 
 static struct json_span span_of(const char *s) { return (struct json_span){s, strlen(s)}; }
 
@@ -5612,6 +5686,88 @@ static void sio_make_sid(struct session *s, int slot)
 		memcpy(s->nsp[slot].sid, s->sid, SID_LEN + 1);
 }
 
+/*
+ * Connection state recovery (Socket.IO 5), for clients that ask for it with "recovery":
+ * true in their CONNECT auth. (Node's socket.io gives it to every client, but the event
+ * offsets it adds as a last argument break python-socketio 5.7's one-argument handlers,
+ * and the chat contract must not break.) Such a client gets a private id, its pid, in
+ * the CONNECT answer, and every room event an offset. If its transport is lost -- not an
+ * explicit disconnect -- its session is detached rather than closed, and the namespace
+ * keeps its place for --recovery-window seconds. A client that comes back with its pid
+ * and last offset in its CONNECT auth gets its old socket id back, then what it missed;
+ * socket.io-client (4.6 and later) then says socket.recovered. room_lock held throughout.
+ */
+/* pids: the pid of a session that may be recovered -> its slot */
+static void sio_pending_clear(struct session *s);
+
+static bool sio_recoverable(const char *reason)
+{
+	return reason && (strcmp(reason, "transport close") == 0 ||
+	                  strcmp(reason, "transport error") == 0 || strcmp(reason, "ping timeout") == 0);
+}
+
+/* The CONNECT answer: the socket's sid, and its pid if it may be recovered. */
+static void sio_connected(struct session *s, int slot, struct json_span nsp)
+{
+	struct sio_socket *sk = &s->nsp[slot];
+	if (s->eio == 4) {
+		char json[64 + 2 * SID_LEN];
+		int n = s->recover ? snprintf(json, sizeof json, "{\"sid\":\"%s\",\"pid\":\"%s\"}",
+		                              sk->sid, s->pid)
+		                   : snprintf(json, sizeof json, "{\"sid\":\"%s\"}", sk->sid);
+		sio_send(s, SIO_CONNECT, nsp, NO_ACK, json, (size_t)n);
+	} else {
+		sio_send(s, SIO_CONNECT, nsp, NO_ACK, "", 0);
+	}
+	sk->connected = true;
+	session_settle(s);
+}
+
+/* A client that may come back lost its transport: keep it, detached (see session_close). */
+static bool sio_on_lost(struct session *s, const char *reason)
+{
+	if (!s->recover || stopping || !sio_recoverable(reason))
+		return false;
+	s->app_at = now_ms() + (int64_t)opt.recovery_window * 1000;
+	for (int i = 0; i < n_namespaces; i++)
+		if (s->nsp[i].connected && namespaces[i]->on_away)
+			namespaces[i]->on_away(s, i);
+	return true;
+}
+
+/* A CONNECT with the pid of a session that may be recovered: s takes its place, if the
+ * namespace can give it what it missed. Returns false to go on with a plain CONNECT. */
+static bool sio_restore(struct session *s, int slot, struct json_span nsp, const json_t *auth)
+{
+	const json_t *pid = json_object_get(auth, "pid");
+	if (s->eio != 4 || !opt.recovery_window || !namespaces[slot]->restore || !json_is_string(pid))
+		return false;
+	int i = strmap_get(&pids, json_string_value(pid));
+	struct session *old = i >= 0 ? &sessions[i] : NULL;
+	if (!old || old == s || !old->nsp[slot].connected)
+		return false;
+	if (old->state == S_OPEN) /* back before we saw it go: its old transport is dead */
+		session_close(old, "transport close");
+	if (old->state != S_DETACHED)
+		return false;
+	const json_t *offset = json_object_get(auth, "offset");
+	if (!namespaces[slot]->can_restore(old, slot, offset)) {
+		session_end(old); /* too much missed: it leaves, and comes in anew */
+		return false;
+	}
+	s->nsp[slot] = old->nsp[slot];
+	s->recover = true;
+	memcpy(s->pid, old->pid, sizeof s->pid);
+	strmap_put(&pids, s->pid, s->index);
+	sio_connected(s, slot, nsp);
+	namespaces[slot]->restore(s, old, slot, offset);
+	old->nsp[slot].connected = false;
+	old->recover = false;
+	sio_pending_clear(old);
+	session_discard(old);
+	return true;
+}
+
 static void sio_refuse(struct session *s, struct json_span nsp, const char *message)
 {
 	struct buf b = {0};
@@ -5623,6 +5779,9 @@ static void sio_refuse(struct session *s, struct json_span nsp, const char *mess
 	sio_send(s, SIO_CONNECT_ERROR, nsp, NO_ACK, b.p, b.len);
 	buf_free(&b);
 }
+
+static bool sio_restore(struct session *s, int slot, struct json_span nsp, const json_t *auth);
+static void sio_connected(struct session *s, int slot, struct json_span nsp);
 
 /* A CONNECT. room_lock held. */
 static void sio_connect(struct session *s, struct json_span nsp, const json_t *auth)
@@ -5640,21 +5799,21 @@ static void sio_connect(struct session *s, struct json_span nsp, const json_t *a
 		session_close(s, "invalid state"); /* a second CONNECT: Node closes, so do we */
 		return;
 	}
+	if (sio_restore(s, slot, nsp, auth))
+		return;
 	const char *refusal = namespaces[slot]->admit(s, slot, auth);
 	if (refusal) {
 		sio_refuse(s, nsp, refusal);
 		return;
 	}
 	sio_make_sid(s, slot);
-	if (s->eio == 4) {
-		char json[64 + SID_LEN];
-		int n = snprintf(json, sizeof json, "{\"sid\":\"%s\"}", sk->sid);
-		sio_send(s, SIO_CONNECT, nsp, NO_ACK, json, (size_t)n);
-	} else {
-		sio_send(s, SIO_CONNECT, nsp, NO_ACK, "", 0);
+	s->recover = s->eio == 4 && opt.recovery_window && namespaces[slot]->restore &&
+	             json_is_true(json_object_get(auth, "recovery"));
+	if (s->recover) {
+		make_sid(s->pid);
+		strmap_put(&pids, s->pid, s->index);
 	}
-	sk->connected = true;
-	session_settle(s);
+	sio_connected(s, slot, nsp);
 	namespaces[slot]->on_connect(s, slot, auth);
 }
 
@@ -5795,12 +5954,19 @@ static void sio_on_close(struct session *s)
 	for (int i = 0; i < n_namespaces; i++)
 		sio_leave(s, i, s->close_reason);
 	sio_pending_clear(s);
+	if (s->recover && strmap_get(&pids, s->pid) == s->index)
+		strmap_del(&pids, s->pid);
+	s->recover = false;
 }
 
 /* The connect timeout: a session in no namespace goes. One that joined and left after
- * it stays, as in Node. */
+ * it stays, as in Node. For a detached session: the recovery window is over. */
 static void sio_on_deadline(struct session *s)
 {
+	if (s->state == S_DETACHED) {
+		session_end(s);
+		return;
+	}
 	for (int i = 0; i < n_namespaces; i++)
 		if (s->nsp[i].connected)
 			return;
@@ -5812,6 +5978,7 @@ static const struct eio_app socketio_app = {
 	.on_close = sio_on_close,
 	.on_message = sio_on_message,
 	.on_deadline = sio_on_deadline,
+	.on_lost = sio_on_lost,
 };
 
 /* ================================= the chat room ================================= */
@@ -5833,6 +6000,7 @@ static const struct eio_app socketio_app = {
 static struct {
 	int members[MAX_CLIENTS]; /* session slots, in the order they joined */
 	int count;
+	int recoverable[2];       /* members that asked for recovery: [0] full, [1] delta presence */
 } room;
 
 static struct session *member(int i) { return &sessions[room.members[i]]; }
@@ -5944,10 +6112,131 @@ static void put_name_list(struct buf *b)
 }
 
 /* Queues one packet (and its attachments) to everyone in the room. */
+/*
+ * Recovery, the chat's part (see Socket.IO for the protocol). While some member asked for
+ * it, room events are numbered, and the members that asked get each one with its number
+ * as a last argument, an offset, in a copy made once per event. The last RECENT_EVENTS
+ * events (at most queue_limit / 2 bytes of them) are kept, as they were sent, for members
+ * who come back: they get those after their offset. A member whose transport is lost
+ * stays in the room, detached; nothing is queued for it meanwhile, since the recent
+ * events hold what it misses. Memory: the ring's references, and its bytes when the
+ * messages they share are gone from every queue: at most queue_limit / 2.
+ */
+enum { RECENT_EVENTS = 4096 };
+
+struct recent_event {
+	uint64_t seq;
+	struct blob *form[2]; /* as sent, with the offset: [0] full name_list or a message, [1] delta */
+	struct blob **att;    /* a message's attachments */
+	int natt;
+};
+
+static struct {
+	struct recent_event *ring;
+	int head, count;
+	size_t bytes;
+	uint64_t seq; /* the last event's number */
+} recent;
+
+static bool recording(void) { return room.recoverable[0] + room.recoverable[1] > 0; }
+
+static size_t recent_event_bytes(const struct recent_event *e)
+{
+	size_t n = (e->form[0] ? e->form[0]->len : 0) + (e->form[1] ? e->form[1]->len : 0);
+	for (int i = 0; i < e->natt; i++)
+		n += e->att[i]->len;
+	return n;
+}
+
+static void recent_drop_oldest(void)
+{
+	struct recent_event *e = &recent.ring[recent.head];
+	recent.bytes -= recent_event_bytes(e);
+	blob_unref(e->form[0]);
+	blob_unref(e->form[1]);
+	for (int i = 0; i < e->natt; i++)
+		blob_unref(e->att[i]);
+	free(e->att);
+	recent.head = (recent.head + 1) % RECENT_EVENTS;
+	recent.count--;
+}
+
+static void recent_add(struct blob *full, struct blob *delta, struct blob *const *att, int natt)
+{
+	if (!recent.ring)
+		recent.ring = xmalloc(RECENT_EVENTS * sizeof *recent.ring);
+	struct recent_event e = {.seq = recent.seq, .natt = natt};
+	e.form[0] = full ? blob_ref(full) : NULL;
+	e.form[1] = delta ? blob_ref(delta) : NULL;
+	if (natt) {
+		e.att = xmalloc((size_t)natt * sizeof *e.att);
+		for (int i = 0; i < natt; i++)
+			e.att[i] = blob_ref(att[i]);
+	}
+	size_t size = recent_event_bytes(&e);
+	while (recent.count && (recent.count == RECENT_EVENTS || recent.bytes + size > opt.queue_limit / 2))
+		recent_drop_oldest();
+	recent.ring[(recent.head + recent.count++) % RECENT_EVENTS] = e;
+	recent.bytes += size;
+}
+
+/* The event's text with its offset as a last argument: [..., "SEQ"]. */
+static struct blob *with_offset(const struct blob *event, uint64_t seq)
+{
+	char tail[32];
+	int n = snprintf(tail, sizeof tail, ",\"%llu\"]", (unsigned long long)seq);
+	struct blob *b = blob_new(event->len - 1 + (size_t)n);
+	memcpy(b->data, event->data, event->len - 1); /* all but the closing ']' */
+	memcpy(b->data + event->len - 1, tail, (size_t)n);
+	return b;
+}
+
+/* The offset a client gives, or -1 if it is not one of ours. */
+static int64_t offset_of(const json_t *offset, const struct session *old)
+{
+	if (!offset)
+		return (int64_t)old->joined_seq - 1; /* it saw nothing since it joined */
+	const char *t = json_string_value(offset);
+	if (!t || !*t || strspn(t, "0123456789") != strlen(t) || strlen(t) > 18)
+		return -1;
+	return (int64_t)strtoull(t, NULL, 10);
+}
+
+/* Can everything after the offset be given again? */
+static bool chat_can_restore(struct session *old, int slot, const json_t *offset)
+{
+	(void)slot;
+	int64_t from = offset_of(offset, old);
+	uint64_t oldest = recent.count ? recent.ring[recent.head].seq : recent.seq + 1;
+	return from >= 0 && (uint64_t)from <= recent.seq && (uint64_t)from + 1 >= oldest;
+}
+
+/* What the member missed, after its offset, in the form it asked for. */
+static void recent_replay(struct session *s, int64_t from)
+{
+	for (int k = 0; k < recent.count; k++) {
+		const struct recent_event *e = &recent.ring[(recent.head + k) % RECENT_EVENTS];
+		if (e->seq <= (uint64_t)from)
+			continue;
+		struct blob *form = e->form[s->delta] ? e->form[s->delta] : e->form[!s->delta];
+		sio_send_blobs(s, form, e->att, e->natt);
+	}
+}
+
+/* Queues one message (and its attachments) to everyone in the room. */
 static void room_broadcast(struct blob *head, struct blob *const *att, int natt)
 {
-	for (int i = 0; i < room.count; i++)
-		sio_send_blobs(member(i), head, att, natt);
+	struct blob *numbered = NULL;
+	if (recording()) {
+		numbered = with_offset(head, ++recent.seq);
+		recent_add(numbered, NULL, att, natt);
+	}
+	for (int i = 0; i < room.count; i++) {
+		struct session *m = member(i);
+		if (m->state == S_OPEN)
+			sio_send_blobs(m, m->recover ? numbered : head, att, natt);
+	}
+	blob_unref(numbered);
 }
 
 /*
@@ -5988,25 +6277,46 @@ static struct blob *presence_delta(const char *action, const char *who, const ch
 	return blob_from_buf(&b);
 }
 
-/* Tells the room that `who` came or went, each member in the form it asked for. */
+/* One presence event's forms, each built when first wanted: [delta][numbered]. */
+struct presence {
+	const char *action;
+	struct session *who;
+	int slot;
+	uint64_t seq;
+	struct blob *form[2][2];
+};
+
+static struct blob *presence_form(struct presence *p, bool delta, bool numbered)
+{
+	struct blob **b = &p->form[delta][numbered];
+	if (!*b && numbered)
+		*b = with_offset(presence_form(p, delta, false), p->seq);
+	else if (!*b && delta)
+		*b = presence_delta(p->action, p->who->nick, p->who->nsp[p->slot].sid);
+	else if (!*b)
+		*b = presence_full(p->action, p->who->nick);
+	return *b;
+}
+
+/* Tells the room that `who` came or went, each member in the form it asked for (its own
+ * login comes whole, name_list and all). */
 static void room_announce(const char *action, struct session *who, int slot)
 {
 	bool login = strcmp(action, "login") == 0;
-	struct blob *full = NULL, *delta = NULL;
+	struct presence p = {.action = action, .who = who, .slot = slot};
+	if (recording())
+		p.seq = ++recent.seq;
 	for (int i = 0; i < room.count; i++) {
 		struct session *m = member(i);
-		if (!m->delta || (login && m == who)) {
-			if (!full)
-				full = presence_full(action, who->nick);
-			session_send(m, full, false);
-		} else {
-			if (!delta)
-				delta = presence_delta(action, who->nick, who->nsp[slot].sid);
-			session_send(m, delta, false);
-		}
+		if (m->state == S_OPEN)
+			session_send(m, presence_form(&p, m->delta && !(login && m == who), m->recover), false);
 	}
-	blob_unref(full);
-	blob_unref(delta);
+	if (p.seq)
+		recent_add(room.recoverable[0] ? presence_form(&p, false, true) : NULL,
+		           room.recoverable[1] ? presence_form(&p, true, true) : NULL, NULL, 0);
+	for (int d = 0; d < 2; d++)
+		for (int n = 0; n < 2; n++)
+			blob_unref(p.form[d][n]);
 }
 
 /* A place in the room, if there is one, and if the client's address has not joined too
@@ -6030,10 +6340,39 @@ static void chat_join(struct session *s, int slot, const json_t *auth)
 	name_claim(s->nick, s->index);
 	room.members[room.count++] = s->index;
 	name_list_joined(s);
+	if (s->recover)
+		room.recoverable[s->delta]++;
 	if (!opt.quiet)
 		log_line("join  %s (sid %s)", s->nick, s->nsp[slot].sid);
 	room_announce("login", s, slot);
+	s->joined_seq = recent.seq; /* its own login's number, if the room numbers events */
 	history_send(s);
+}
+
+/* Its transport is lost, and it may come back: it keeps its name and place. */
+static void chat_away(struct session *s, int slot)
+{
+	if (!opt.quiet)
+		log_line("away  %s (sid %s): %s; back within %d s?", s->nick, s->nsp[slot].sid,
+		         s->close_reason ? s->close_reason : "", opt.recovery_window);
+}
+
+/* It is back, as s: s takes its name and place, and gets what it missed. */
+static void chat_restore(struct session *s, struct session *old, int slot, const json_t *offset)
+{
+	int64_t from = offset_of(offset, old);
+	s->nick = old->nick;
+	old->nick = NULL;
+	s->delta = old->delta;
+	s->flood = old->flood;
+	s->joined_seq = old->joined_seq;
+	strmap_put(&names.holders, s->nick, s->index);
+	for (int i = 0; i < room.count; i++)
+		if (room.members[i] == old->index)
+			room.members[i] = s->index;
+	if (!opt.quiet)
+		log_line("back  %s (sid %s)", s->nick, s->nsp[slot].sid);
+	recent_replay(s, from);
 }
 
 static void chat_leave(struct session *s, int slot, const char *reason)
@@ -6045,6 +6384,8 @@ static void chat_leave(struct session *s, int slot, const char *reason)
 		return;
 	memmove(&room.members[i], &room.members[i + 1], (size_t)(room.count - i - 1) * sizeof(int));
 	room.count--;
+	if (s->recover)
+		room.recoverable[s->delta]--;
 	name_list_left();
 	name_release(s->nick);
 	if (!opt.quiet)
@@ -6115,6 +6456,9 @@ static const struct sio_handler chat_namespace = {
 	.on_connect = chat_join,
 	.on_event = chat_talk,
 	.on_disconnect = chat_leave,
+	.on_away = chat_away,
+	.can_restore = chat_can_restore,
+	.restore = chat_restore,
 };
 
 /* ==================================== metrics ==================================== */

@@ -175,5 +175,48 @@ def test_signal_disconnects_everyone_and_exits_0_quickly(sig):
     assert wait_until(lambda: not ws_client.sio.connected and not poll_client.sio.connected, 3)
     assert raw.expect_close() == 1001  # going away
     t.join(3)
-    assert parked_result["r"].text == "1"  # a waiting long-poll gets a close packet
+    # a waiting long-poll gets a noop, not a close packet (which would tell python-engineio
+    # never to come back); its next request fails, and clients reconnect
+    assert parked_result["r"].text == "6"
+    with pytest.raises(requests.exceptions.ConnectionError):
+        parked.get(timeout=3)
     s.assert_clean_exit()
+
+
+RECONNECTING = textwrap.dedent("""
+    # A python-socketio client that reconnects by itself; it prints its own login each
+    # time it joins: the first msg after it connects.
+    import socketio, sys, time
+    c = socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=0.5)
+    state = {"fresh": False}
+    c.on("connect", lambda: state.update(fresh=True))
+    @c.on("msg")
+    def on_msg(data):  # one argument, as the desktop client has it
+        if state["fresh"] and data.get("action") == "login":
+            state["fresh"] = False
+            print("login", data["username"], flush=True)
+    c.connect(sys.argv[1], transports=[sys.argv[2]])
+    time.sleep(30)
+""")
+
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+def test_python_socketio_comes_back_after_a_restart(transport):
+    # systemctl restart: SIGTERM, then a new server on the same port
+    s = Server()
+    client = subprocess.Popen(["/usr/bin/python3", "-c", RECONNECTING, s.url, transport],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().startswith("login ")
+        time.sleep(0.5)  # its long-poll waits in the server now
+        code, _ = s.stop(signal.SIGTERM)
+        assert code == 0
+        again = Server(port=s.port)
+        try:
+            assert client.stdout.readline().startswith("login "), "it did not come back"
+        finally:
+            again.assert_clean_exit()
+    finally:
+        client.kill()
+        client.wait()

@@ -219,6 +219,38 @@ test("a newcomer sees the last messages above its own arrival", async () => {
   await server.stop();
 });
 
+test("after a blip the page has its name, what it missed once, and no join of its own", async () => {
+  const server = await startServer();
+  const page = await openPage(server);
+  const py = python(server);
+  await py.waitFor((m) => m.action === "login");
+  await say(page, "before the blip");
+  await waitText(page, "before the blip");
+  const events = () => page.$$eval("#messages .event", (els) => els.map((e) => e.textContent));
+  const joinsBefore = (await events()).filter((t) => t.includes("joined")).length;
+  await page.evaluate(() => conn.ws.close()); // the transport goes; the page comes back
+  py.say("missed one");
+  py.say("missed two");
+  await waitText(page, "missed two");
+  await page.waitForFunction(() => document.querySelector("#status").className === "online");
+  assert.equal(await page.textContent("#me b"), page.nick);
+  const after = await events();
+  assert.equal(after.filter((t) => t.includes("joined")).length, joinsBefore);
+  assert.ok(!after.some((t) => t.includes("Reconnected as")));
+  const all = await texts(page);
+  assert.equal(all.filter((t) => t === "missed one").length, 1);
+  assert.equal(all.filter((t) => t === "missed two").length, 1);
+  assert.ok(all.indexOf("missed one") < all.indexOf("missed two"));
+  await say(page, "back again");
+  assert.equal((await py.waitFor((m) => m.msg === "back again")).username, page.nick);
+  // the python client saw it neither leave nor come again
+  assert.ok(!py.msgs.some((m) => ["login", "logout"].includes(m.action) && m.username === page.nick));
+  assert.deepEqual(page.errors, []);
+  py.quit();
+  await page.close();
+  await server.stop();
+});
+
 test("screenshots at 1280x800 and 360x740", async () => {
   const server = await startServer();
   const wide = await openPage(server, { width: 1280, height: 800 });

@@ -172,7 +172,7 @@ static struct options {
 	.ping_interval = 25000,
 	.ping_timeout = 20000,
 	.max_payload = 1000000,
-	.max_clients = 1000,
+	.max_clients = MAX_CLIENTS, /* the largest room the arrays hold; see README, Performance */
 	.queue_limit = 0, /* 0: chosen from max_payload in parse_options */
 	.threads = 0,
 	.quiet = false,
@@ -203,7 +203,7 @@ static void usage(FILE *f)
 	        "      --ping-interval MS   Engine.IO ping interval (default 25000)\n"
 	        "      --ping-timeout MS    Engine.IO ping timeout (default 20000)\n"
 	        "      --max-payload BYTES  largest message or POST body (default 1000000)\n"
-	        "      --max-clients N      room size, at most %d (default 1000)\n"
+	        "      --max-clients N      room size (default and at most %d)\n"
 	        "      --queue-limit BYTES  outbound backlog after which a client that does\n"
 	        "                           not read is dropped (default: 2 x max-payload or\n"
 	        "                           32 x max-clients^2 if more, at most 64 MiB)\n"

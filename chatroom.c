@@ -23,18 +23,26 @@
  *   HTTP routes        what civetweb hands us
  *   main               start-up, signals, shutdown
  *
- * Threads. civetweb (https://github.com/civetweb/civetweb) runs one worker thread per
- * connection. Long-poll requests run there and may block, each on its own client only.
- * A WebSocket, once its handshake is done, leaves civetweb: the socket goes to the wire
- * thread, one epoll loop that reads frames and writes queued frames without ever blocking.
- * So a client that stops reading cannot stall anyone: its queue grows to a bound and then
- * it is dropped. The main thread waits for signals and prints the log.
+ * Threads. The wire thread, one epoll loop, holds every connection while it waits for
+ * the network: request heads and bodies still arriving, idle keep-alive connections,
+ * long-poll GETs waiting for packets, answers being written, and every WebSocket, whose
+ * frames it reads and writes without ever blocking. civetweb
+ * (https://github.com/civetweb/civetweb) parses and routes: a small fixed pool of its
+ * workers runs only requests that are complete, and each returns at once, parking a GET
+ * with the wire thread if it must wait. So a client that stops reading or sending stalls
+ * nobody: its queue grows to a bound and then it is dropped. The main thread waits for
+ * signals and prints the log. (Built against Debian's libcivetweb, whose connections
+ * cannot leave their worker, each connection holds a worker as civetweb means it to.)
  *
- * Locking. One mutex of ours, room_lock, guards every session, every outbound queue and
- * the room. Nothing writes to a client while holding it: sending means appending a
- * reference to a shared buffer to a queue, and waking the queue's writer. civetweb's own
- * per-connection lock is taken only inside mg_* calls, which we never make while holding
- * room_lock. That is the whole lock order.
+ * Locking. One mutex of ours, room_lock, guards every session, every outbound queue,
+ * the room, the address table and what the wire thread and the workers hand each other.
+ * Nothing writes to a client while holding it: sending means appending a reference to a
+ * shared buffer to a queue, and waking the queue's writer. The lock order:
+ *     room_lock  ->  logq.lock
+ * logq.lock (the log lines' queue) is a leaf: nothing is taken under it. civetweb's
+ * locks -- its per-connection lock, and the worker queue's, taken when the wire thread
+ * hands a request over (conn_produce) -- are taken only inside civetweb's functions,
+ * and we call none of them while holding room_lock.
  */
 #define _GNU_SOURCE
 
@@ -2046,11 +2054,15 @@ struct sio_socket {
 	char sid[SID_LEN + 1];
 };
 
-/* A binary Socket.IO packet whose attachments are still arriving. */
+/* A binary Socket.IO packet whose attachments are still arriving. What it holds counts
+ * as input still arriving (mem_inbound), and its session's share when memory is short; it
+ * must be whole within a heartbeat (ping interval + timeout). */
 struct sio_pending {
 	int expected, received; /* expected 0: none pending */
 	struct blob *header;    /* the packet, as text */
 	struct blob **att;      /* `expected` of them */
+	size_t bytes;           /* blob_size of header and attachments so far */
+	int64_t until;
 };
 
 struct session {
@@ -2104,6 +2116,7 @@ struct session {
 	/* Socket.IO */
 	struct sio_socket nsp[MAX_NAMESPACES];
 	struct sio_pending pending;
+	int64_t connect_by;       /* when it must be in a namespace (0: looked at already) */
 	bool recover;             /* asked for connection state recovery: it has a pid */
 	char pid[SID_LEN + 1];
 
@@ -2982,6 +2995,7 @@ struct conn {
 	/* the request, at the front of `in` */
 	struct buf in;       /* read and not used yet: a head, a body, what follows */
 	size_t head_len;     /* once the head is whole */
+	size_t head_seen;    /* bytes of an unfinished head already scanned for its end */
 	size_t body_len;     /* its Content-Length, once the head is whole */
 	bool body_refused;   /* longer than --max-payload: not read, and the connection closes */
 
@@ -3116,7 +3130,7 @@ static void conn_in_consume(struct conn *c)
 	used = used < c->in.len ? used : c->in.len;
 	memmove(c->in.p, c->in.p + used, c->in.len - used);
 	c->in.len -= used;
-	c->head_len = c->body_len = 0;
+	c->head_len = c->body_len = c->head_seen = 0;
 	if (c->in.len == 0)
 		conn_in_free(c); /* an idle connection keeps no buffer */
 }
@@ -3228,6 +3242,7 @@ static void conn_wait_head(struct conn *c, int64_t deadline)
 {
 	conn_set_state(c, C_HEAD);
 	c->request_at = 0;
+	c->head_seen = 0;
 	conn_deadline(c, deadline);
 	conn_watch(c, EPOLLIN | EPOLLRDHUP);
 }
@@ -3279,18 +3294,32 @@ static void conn_refuse(struct conn *c, int status)
 	conn_start_answer(c);
 }
 
-/* Where a request head ends ("\r\n\r\n", or "\n\n" as civetweb also takes), or 0. */
+/* Where a request head ends, or 0: at the first "\r\n\r\n" or "\n\n", exactly where
+ * civetweb's own scan ends it. Were we to end it elsewhere (at "\n\r\n", say), civetweb
+ * would wait for more of a head we think complete, holding a worker until its timeout. */
 static size_t head_end(const char *p, size_t n)
 {
-	for (size_t i = 1; i < n; i++) {
-		if (p[i] != '\n')
-			continue;
-		if (p[i - 1] == '\n')
-			return i + 1;
-		if (i >= 2 && p[i - 1] == '\r' && p[i - 2] == '\n')
-			return i + 1;
+	for (size_t i = 0; i + 1 < n; i++) {
+		if (p[i] == '\n' && p[i + 1] == '\n')
+			return i + 2;
+		if (p[i] == '\r' && i + 3 < n && p[i + 1] == '\n' && p[i + 2] == '\r' && p[i + 3] == '\n')
+			return i + 4;
 	}
 	return 0;
+}
+
+/* civetweb refuses a head with any control character but CR and LF; HTTP allows tabs as
+ * whitespace (Node takes them), so they become spaces. False for other control bytes. */
+static bool head_tidy(char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)p[i];
+		if (ch == '\t')
+			p[i] = ' ';
+		else if ((ch < 0x20 && ch != '\r' && ch != '\n') || ch == 0x7F)
+			return false;
+	}
+	return true;
 }
 
 /* The framing of a whole head, which is all the wire thread needs to know of it: the
@@ -3482,13 +3511,18 @@ static void conn_advance(struct conn *c)
 			c->request_at = now;
 			conn_deadline(c, now + opt.header_timeout);
 		}
-		size_t end = head_end(c->in.p, c->in.len < HEAD_MAX ? c->in.len : HEAD_MAX);
+		/* a head sent a byte at a time is scanned once, not once a byte */
+		size_t have = c->in.len < HEAD_MAX ? c->in.len : HEAD_MAX;
+		size_t from = c->head_seen > 3 ? c->head_seen - 3 : 0;
+		size_t end = head_end(c->in.p + from, have - from);
+		end = end ? from + end : 0;
+		c->head_seen = have;
 		if (!end) {
 			if (c->in.len >= HEAD_MAX)
 				conn_refuse(c, 431);
 			return;
 		}
-		int refusal = head_framing(c->in.p, end, &c->body_len);
+		int refusal = head_tidy(c->in.p, end) ? head_framing(c->in.p, end, &c->body_len) : 400;
 		if (refusal) {
 			conn_refuse(c, refusal);
 			return;
@@ -3582,7 +3616,9 @@ static void conn_write(struct conn *c)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			conn_watch(c, EPOLLOUT | EPOLLRDHUP);
+			/* EPOLLOUT only: a client that shut down its side may still read its answer,
+			 * and a level-triggered EPOLLRDHUP would wake us for nothing until then */
+			conn_watch(c, EPOLLOUT);
 			conn_deadline(c, now_ms() + WRITE_STALL_MS);
 			return;
 		}
@@ -3761,6 +3797,7 @@ static void conn_hand_back(struct mg_connection *mc, struct conn *c, bool park)
 {
 	civetweb_let_go(mc);
 	room_lock_acquire();
+	post_ended(c); /* begun by its head; refused, it must not look under way any longer */
 	c->back_park = park;
 	c->next_back = conns_back;
 	conns_back = c;
@@ -3828,6 +3865,12 @@ static void conns_accept(int listener)
 		int fd = accept4(listener, (struct sockaddr *)&ra, &ralen, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd >= 0) {
 			conn_open(fd, &ra, ralen);
+			continue;
+		}
+		if ((errno == EMFILE || errno == ENFILE) && head_oldest >= 0) {
+			/* out of descriptors: the connection waiting longest for a head makes way,
+			 * as when the table is full */
+			conn_close(&conns[head_oldest]);
 			continue;
 		}
 		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
@@ -5010,6 +5053,9 @@ static bool wire_flush(void)
 	return true;
 }
 
+/* What dropping a session would free: its backlog, and a binary packet it is sending. */
+static size_t session_holds(const struct session *s) { return s->qbytes + s->pending.bytes; }
+
 /*
  * Past --max-memory (with `extra` more to come), the clients furthest behind go first:
  * the one with the largest backlog is dropped, then the next, until what their queues
@@ -5027,13 +5073,14 @@ static void memory_relieve(size_t extra)
 		struct session *worst = NULL;
 		for (int i = 0; i < slots_high; i++) {
 			struct session *s = &sessions[i];
-			if (s->state == S_OPEN && !s->doomed && s->qbytes > 0 &&
-			    (!worst || s->qbytes > worst->qbytes))
+			if (s->state == S_OPEN && !s->doomed && session_holds(s) > 0 &&
+			    (!worst || session_holds(s) > session_holds(worst)))
 				worst = s;
 		}
 		if (!worst)
 			break;
-		excess -= worst->qbytes < excess ? worst->qbytes : excess;
+		size_t freed = session_holds(worst);
+		excess -= freed < excess ? freed : excess;
 		session_doom(worst, "server memory budget");
 	}
 	room_unlock();
@@ -5729,6 +5776,7 @@ static bool sio_on_lost(struct session *s, const char *reason)
 	if (!s->recover || stopping || !sio_recoverable(reason))
 		return false;
 	s->app_at = now_ms() + (int64_t)opt.recovery_window * 1000;
+	sio_pending_clear(s); /* the rest of it went with the transport */
 	for (int i = 0; i < n_namespaces; i++)
 		if (s->nsp[i].connected && namespaces[i]->on_away)
 			namespaces[i]->on_away(s, i);
@@ -5825,14 +5873,40 @@ static void sio_leave(struct session *s, int slot, const char *reason)
 	namespaces[slot]->on_disconnect(s, slot, reason);
 }
 
+/* A packet or attachment becomes part of the pending packet. */
+static struct blob *sio_pending_hold(struct sio_pending *pd, const char *data, size_t len)
+{
+	pd->bytes += blob_size(len);
+	atomic_fetch_add_explicit(&mem_inbound, blob_size(len), memory_order_relaxed);
+	return blob_of(data, len);
+}
+
 static void sio_pending_clear(struct session *s)
 {
 	struct sio_pending *pd = &s->pending;
+	atomic_fetch_sub_explicit(&mem_inbound, pd->bytes, memory_order_relaxed);
 	blob_unref(pd->header);
 	for (int i = 0; i < pd->received; i++)
 		blob_unref(pd->att[i]);
 	free(pd->att);
 	memset(pd, 0, sizeof *pd);
+}
+
+/* The next thing to look at: the connect timeout, or a pending packet's. */
+static void sio_rearm(struct session *s)
+{
+	int64_t at = s->connect_by;
+	if (s->pending.expected && (!at || s->pending.until < at))
+		at = s->pending.until;
+	session_deadline(s, at);
+}
+
+static bool sio_in_any(const struct session *s)
+{
+	for (int i = 0; i < n_namespaces; i++)
+		if (s->nsp[i].connected)
+			return true;
+	return false;
 }
 
 /* A whole packet, attachments and all. room_lock held. */
@@ -5869,6 +5943,10 @@ static void sio_fail(struct session *s, const char *reason)
 /* An attachment of the pending binary packet. room_lock NOT held. */
 static void sio_attachment(struct session *s, const char *data, size_t len)
 {
+	if (!inbound_mem_room(blob_size(len))) {
+		sio_fail(s, "server memory budget");
+		return;
+	}
 	room_lock_acquire();
 	struct sio_pending *pd = &s->pending;
 	if (s->state != S_OPEN) {
@@ -5889,7 +5967,7 @@ static void sio_attachment(struct session *s, const char *data, size_t len)
 		room_unlock();
 		return;
 	}
-	pd->att[pd->received++] = blob_of(data, len);
+	pd->att[pd->received++] = sio_pending_hold(pd, data, len);
 	if (pd->received == pd->expected) {
 		struct sio_packet p;
 		if (sio_parse(pd->header->data, pd->header->len, &p))
@@ -5917,8 +5995,8 @@ static void sio_on_message(struct session *s, const char *data, size_t len, bool
 		json_t *tree = json_parse(p.json.p, p.json.n, JSON_DECODE_INT_AS_REAL);
 		bool ok = tree && placeholders_ok(tree, p.attachments);
 		json_decref(tree);
-		if (!ok) {
-			sio_fail(s, "parse error");
+		if (!ok || !inbound_mem_room(blob_size(len))) {
+			sio_fail(s, ok ? "server memory budget" : "parse error");
 			return;
 		}
 	}
@@ -5928,11 +6006,14 @@ static void sio_on_message(struct session *s, const char *data, size_t len, bool
 	} else if (s->pending.expected) {
 		session_close(s, "parse error"); /* text while attachments were due */
 	} else if (p.attachments > 0) {
-		s->pending = (struct sio_pending){
+		struct sio_pending *pd = &s->pending;
+		*pd = (struct sio_pending){
 			.expected = p.attachments,
-			.header = blob_of(data, len),
 			.att = xmalloc((size_t)p.attachments * sizeof(struct blob *)),
+			.until = now_ms() + s->ep->ping_interval + s->ep->ping_timeout,
 		};
+		pd->header = sio_pending_hold(pd, data, len);
+		sio_rearm(s);
 	} else {
 		sio_dispatch(s, &p, NULL);
 	}
@@ -5944,7 +6025,8 @@ static void sio_on_message(struct session *s, const char *data, size_t len, bool
  * that moment. Engine.IO 3 clients are in "/" from the start. */
 static void sio_on_open(struct session *s)
 {
-	session_deadline(s, s->opened_at + opt.connect_timeout);
+	s->connect_by = s->opened_at + opt.connect_timeout;
+	sio_rearm(s);
 	if (s->eio == 3 && sio_slot(span_of("/")) >= 0)
 		sio_connect(s, span_of("/"), NULL);
 }
@@ -5967,10 +6049,19 @@ static void sio_on_deadline(struct session *s)
 		session_end(s);
 		return;
 	}
-	for (int i = 0; i < n_namespaces; i++)
-		if (s->nsp[i].connected)
+	int64_t now = now_ms();
+	if (s->pending.expected && now >= s->pending.until) {
+		session_doom(s, "parse error"); /* its attachments never came */
+		return;
+	}
+	if (s->connect_by && now >= s->connect_by) {
+		s->connect_by = 0;
+		if (!sio_in_any(s)) {
+			session_doom(s, "connect timeout");
 			return;
-	session_doom(s, "connect timeout");
+		}
+	}
+	sio_rearm(s);
 }
 
 static const struct eio_app socketio_app = {
@@ -6392,6 +6483,8 @@ static void chat_leave(struct session *s, int slot, const char *reason)
 		log_line("leave %s (sid %s): %s", s->nick, s->nsp[slot].sid, reason ? reason : "");
 	if (!stopping) /* at shutdown everyone leaves: nobody is left to tell */
 		room_announce("logout", s, slot);
+	while (!recording() && recent.count) /* nobody left who could ask for them */
+		recent_drop_oldest();
 	free(s->nick);
 	s->nick = NULL;
 }
@@ -6679,6 +6772,23 @@ static int request_peer(struct mg_connection *c)
 	return peer_get(key);
 }
 
+/*
+ * Does the request come from where session s was opened? Only Engine.IO 3 sessions ask:
+ * their Socket.IO id in "/" is their Engine.IO sid (socket.io-client 2 requires it), and
+ * the chat contract shows every id to everyone in name_list. Anyone could then post, poll
+ * or upgrade as someone else. Tied to its address (IPv6: its /64), a v2 session is safe
+ * from everyone but its neighbours behind the same NAT. Engine.IO 4 sessions have
+ * a separate, secret Socket.IO id.
+ */
+static bool request_from_owner(struct mg_connection *c, const struct session *s)
+{
+	if (s->eio != 3 || s->peer < 0)
+		return true;
+	char key[PEER_KEY_MAX];
+	peer_key_of_text(mg_get_request_info(c)->remote_addr, key);
+	return strcmp(key, peers[s->peer].key) == 0;
+}
+
 static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 {
 	const struct mg_request_info *ri = mg_get_request_info(c);
@@ -6727,7 +6837,7 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 
 	room_lock_acquire();
 	struct session *s = session_find(sid);
-	if (!s) {
+	if (!s || !request_from_owner(c, s)) {
 		room_unlock();
 		return eio_error_reply(c, E_SID, headers);
 	}

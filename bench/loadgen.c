@@ -9,6 +9,10 @@
  *            it gets from the timestamp in it (same machine, same monotonic clock)
  *   hold     N stay connected for T seconds, answering the server's pings
  *
+ * --transport polling makes every client an HTTP long-polling one (Engine.IO 4): one
+ * keep-alive connection for its GETs, another for its POSTs, one POST in flight at a time
+ * (as engine.io requires) carrying whatever was queued meanwhile.
+ *
  * --stall K makes K clients stop reading once they have joined (a client gone deaf), to
  * see what that does to everyone else. With --server-pid it reads the server's CPU time
  * and resident memory from /proc; it reports its own CPU time too, so that one can see it
@@ -50,7 +54,9 @@ static struct {
 	int ramp; /* connections being set up at once */
 	int pad;  /* extra bytes in each message */
 	int per_address; /* clients from one source address */
-} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, 0, 500, 0, 50};
+	bool polling;    /* --transport polling */
+} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, 0, 500, 0, 50,
+         false};
 
 static int64_t now_ns(void)
 {
@@ -66,20 +72,33 @@ static void die(const char *what)
 }
 
 /* ---- one client ---- */
-enum state { CONNECTING, UPGRADING, OPENING, JOINING, WAITING_LOGIN, READY, DEAD };
+/* HANDSHAKING: a polling client waits for its sid */
+enum state { CONNECTING, UPGRADING, HANDSHAKING, OPENING, JOINING, WAITING_LOGIN, READY, DEAD };
 
-struct client {
+/* One TCP connection: a WebSocket, or one of a polling client's two. */
+struct link {
 	int fd;
-	enum state state;
-	bool stalled;
 	char *in;          /* bytes received, not yet parsed */
 	size_t inlen, incap;
 	char *out;         /* bytes to send that the socket did not take yet */
 	size_t outlen, outcap;
+};
+
+struct client {
+	struct link main;  /* the WebSocket, or a polling client's GETs */
+	struct link post;  /* a polling client's POSTs */
+	enum state state;
+	bool stalled;
+	char sid[64];      /* polling */
+	bool posting;      /* a POST is in flight */
+	char *queued;      /* packets for the next POST, separated by \x1e */
+	size_t queuedlen, queuedcap;
 	int64_t started, joined;
 	char nick[128];
 	long pings;
 };
+
+#define POST_SIDE 1 /* epoll data: client index * 2, + 1 for a POST connection */
 
 static struct client *clients;
 static int epfd;
@@ -107,25 +126,35 @@ static void record(uint32_t us)
 	lat[nlat++] = us;
 }
 
-static void arm(struct client *c, bool want_write)
+static uint64_t tag(struct client *c, struct link *l)
+{
+	return (uint64_t)(c - clients) * 2 + (l == &c->post ? POST_SIDE : 0);
+}
+
+static void arm(struct client *c, struct link *l, bool want_write)
 {
 	bool deaf = c->stalled && c->state == READY; /* a stalled client reads until it joins */
 	struct epoll_event ev = {.events = (deaf ? 0 : EPOLLIN) | (want_write ? EPOLLOUT : 0),
-	                         .data.ptr = c};
-	epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
+	                         .data.u64 = tag(c, l)};
+	epoll_ctl(epfd, EPOLL_CTL_MOD, l->fd, &ev);
 }
 
 static void kill_client(struct client *c)
 {
 	if (c->state == DEAD)
 		return;
-	if (c->state == CONNECTING || c->state == UPGRADING || c->state == OPENING ||
+	if (c->state == CONNECTING || c->state == UPGRADING || c->state == HANDSHAKING ||
+	    c->state == OPENING ||
 	    c->state == JOINING || c->state == WAITING_LOGIN)
 		connecting_count--;
 	c->state = DEAD;
 	dead_count++;
-	epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
-	close(c->fd);
+	struct link *links[] = {&c->main, &c->post};
+	for (int i = 0; i < 2; i++)
+		if (links[i]->fd > 0) {
+			epoll_ctl(epfd, EPOLL_CTL_DEL, links[i]->fd, NULL);
+			close(links[i]->fd);
+		}
 }
 
 static void append(char **buf, size_t *len, size_t *cap, const void *p, size_t n)
@@ -140,37 +169,50 @@ static void append(char **buf, size_t *len, size_t *cap, const void *p, size_t n
 	*len += n;
 }
 
-static void flush_out(struct client *c)
+static void flush_out(struct client *c, struct link *l)
 {
-	while (c->outlen) {
-		ssize_t n = send(c->fd, c->out, c->outlen, MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (l->outlen) {
+		ssize_t n = send(l->fd, l->out, l->outlen, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK) {
-				arm(c, true);
+				arm(c, l, true);
 				return;
 			}
 			kill_client(c);
 			return;
 		}
-		memmove(c->out, c->out + n, c->outlen - (size_t)n);
-		c->outlen -= (size_t)n;
+		memmove(l->out, l->out + n, l->outlen - (size_t)n);
+		l->outlen -= (size_t)n;
 	}
-	arm(c, false);
+	arm(c, l, false);
 }
 
-static void send_raw(struct client *c, const void *p, size_t n)
+static void send_on(struct client *c, struct link *l, const void *p, size_t n)
 {
 	if (c->state == DEAD)
 		return;
-	bool idle = c->outlen == 0;
-	append(&c->out, &c->outlen, &c->outcap, p, n);
+	bool idle = l->outlen == 0;
+	append(&l->out, &l->outlen, &l->outcap, p, n);
 	if (idle)
-		flush_out(c);
+		flush_out(c, l);
 }
 
-/* A masked text frame, as a client must send. The mask is zero: the bytes go as they are. */
+static void send_raw(struct client *c, const void *p, size_t n) { send_on(c, &c->main, p, n); }
+
+static void send_post(struct client *c);
+
+/* One Engine.IO packet: a masked text frame, as a client must send (the mask is zero: the
+ * bytes go as they are), or, polling, a record of the next POST. */
 static void send_text(struct client *c, const char *text, size_t n)
 {
+	if (opt.polling) {
+		if (c->queuedlen)
+			append(&c->queued, &c->queuedlen, &c->queuedcap, "\x1e", 1);
+		append(&c->queued, &c->queuedlen, &c->queuedcap, text, n);
+		if (!c->posting)
+			send_post(c);
+		return;
+	}
 	unsigned char h[14];
 	size_t hl;
 	h[0] = 0x81;
@@ -201,31 +243,36 @@ static void send_text(struct client *c, const char *text, size_t n)
 	}
 }
 
-static void start_client(struct client *c)
+/* Opens one of c's connections, from 127.1.x.y: one address for every per_address clients. */
+static bool open_link(struct client *c, struct link *l)
 {
-	c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-	if (c->fd < 0)
+	l->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+	if (l->fd < 0)
 		die("socket");
 	int one = 1;
-	setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	setsockopt(l->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	if (c->stalled) {
 		int small = 4096;
-		setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+		setsockopt(l->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
 	}
-	/* client i comes from 127.1.x.y, one address for every per_address clients */
 	uint32_t source = (uint32_t)(c - clients) / (uint32_t)opt.per_address + 1;
 	struct sockaddr_in from = {.sin_family = AF_INET,
 	                           .sin_addr.s_addr = htonl(0x7F010000u | (source & 0xFFFF))};
-	if (strncmp(opt.host, "127.", 4) == 0 && bind(c->fd, (struct sockaddr *)&from, sizeof from) < 0)
+	if (strncmp(opt.host, "127.", 4) == 0 && bind(l->fd, (struct sockaddr *)&from, sizeof from) < 0)
 		die("bind to a loopback source address");
 	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.port)};
 	inet_pton(AF_INET, opt.host, &a.sin_addr);
+	struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = tag(c, l)};
+	epoll_ctl(epfd, EPOLL_CTL_ADD, l->fd, &ev);
+	return connect(l->fd, (struct sockaddr *)&a, sizeof a) == 0 || errno == EINPROGRESS;
+}
+
+static void start_client(struct client *c)
+{
 	c->state = CONNECTING;
 	c->started = now_ns();
 	connecting_count++;
-	struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
-	epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev);
-	if (connect(c->fd, (struct sockaddr *)&a, sizeof a) < 0 && errno != EINPROGRESS)
+	if (!open_link(c, &c->main))
 		kill_client(c);
 }
 
@@ -245,9 +292,10 @@ static void send_upgrade(struct client *c)
 	                 "Sec-WebSocket-Version: 13\r\n\r\n",
 	                 opt.path, opt.host, opt.port);
 	c->state = UPGRADING;
-	arm(c, false);
+	arm(c, &c->main, false);
 	send_raw(c, req, (size_t)n);
 }
+
 
 /* Finds "key":"value" in JSON text (no escapes needed for nicknames we compare). */
 static bool json_string_field(const char *p, size_t n, const char *key, char *out, size_t cap)
@@ -273,8 +321,8 @@ static void joined(struct client *c)
 	connecting_count--;
 	if (++joined_count == opt.clients)
 		storm_end = c->joined;
-	if (c->stalled) /* from now on it reads nothing */
-		arm(c, c->outlen > 0);
+	if (c->stalled && !opt.polling) /* from now on it reads nothing */
+		arm(c, &c->main, c->main.outlen > 0);
 }
 
 /* One text message from the server. */
@@ -370,19 +418,20 @@ static size_t on_frames(struct client *c, const char *p, size_t n)
 	return used;
 }
 
-/* The server's answer to the upgrade request; the frames after it stay in c->in. */
+/* The server's answer to the upgrade request; the frames after it stay in c->main.in. */
 static void on_upgrade_answer(struct client *c)
 {
-	char *end = memmem(c->in, c->inlen, "\r\n\r\n", 4);
+	struct link *l = &c->main;
+	char *end = memmem(l->in, l->inlen, "\r\n\r\n", 4);
 	if (!end)
 		return;
-	if (c->inlen < 12 || memcmp(c->in, "HTTP/1.1 101", 12) != 0) {
+	if (l->inlen < 12 || memcmp(l->in, "HTTP/1.1 101", 12) != 0) {
 		kill_client(c);
 		return;
 	}
-	size_t head = (size_t)(end + 4 - c->in);
-	memmove(c->in, c->in + head, c->inlen - head);
-	c->inlen -= head;
+	size_t head = (size_t)(end + 4 - l->in);
+	memmove(l->in, l->in + head, l->inlen - head);
+	l->inlen -= head;
 	c->state = OPENING;
 }
 
@@ -391,26 +440,27 @@ static void on_upgrade_answer(struct client *c)
 static void on_readable(struct client *c)
 {
 	static char buf[1 << 16];
+	struct link *l = &c->main;
 	for (;;) {
-		ssize_t n = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+		ssize_t n = recv(l->fd, buf, sizeof buf, MSG_DONTWAIT);
 		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
 			kill_client(c);
 			return;
 		}
 		if (n < 0)
 			return;
-		if (c->inlen == 0 && c->state != UPGRADING) {
+		if (l->inlen == 0 && c->state != UPGRADING) {
 			size_t used = on_frames(c, buf, (size_t)n);
 			if (c->state != DEAD && used < (size_t)n)
-				append(&c->in, &c->inlen, &c->incap, buf + used, (size_t)n - used);
+				append(&l->in, &l->inlen, &l->incap, buf + used, (size_t)n - used);
 		} else {
-			append(&c->in, &c->inlen, &c->incap, buf, (size_t)n);
+			append(&l->in, &l->inlen, &l->incap, buf, (size_t)n);
 			if (c->state == UPGRADING)
 				on_upgrade_answer(c);
 			if (c->state != UPGRADING && c->state != DEAD) {
-				size_t used = on_frames(c, c->in, c->inlen);
-				memmove(c->in, c->in + used, c->inlen - used);
-				c->inlen -= used;
+				size_t used = on_frames(c, l->in, l->inlen);
+				memmove(l->in, l->in + used, l->inlen - used);
+				l->inlen -= used;
 			}
 		}
 		if (c->state == DEAD || (c->stalled && c->state == READY))
@@ -420,23 +470,170 @@ static void on_readable(struct client *c)
 	}
 }
 
-static void on_event(struct client *c, uint32_t events)
+/* ---- long-polling ---- */
+static void send_poll(struct client *c)
 {
+	char req[512];
+	int n = c->sid[0]
+	    ? snprintf(req, sizeof req, "GET %s?EIO=4&transport=polling&sid=%s HTTP/1.1\r\n"
+	               "Host: %s:%d\r\n\r\n", opt.path, c->sid, opt.host, opt.port)
+	    : snprintf(req, sizeof req, "GET %s?EIO=4&transport=polling HTTP/1.1\r\n"
+	               "Host: %s:%d\r\n\r\n", opt.path, opt.host, opt.port);
+	send_raw(c, req, (size_t)n);
+}
+
+static void drop_link(struct link *l)
+{
+	epoll_ctl(epfd, EPOLL_CTL_DEL, l->fd, NULL);
+	close(l->fd);
+	l->fd = -1;
+	l->inlen = l->outlen = 0;
+}
+
+/* Sends what was queued as one POST; the next waits for this one's answer. A server may
+ * close a POST's connection after answering (chatroom does): then the next opens another. */
+static void send_post(struct client *c)
+{
+	if (c->state == DEAD || !c->queuedlen)
+		return;
+	if (c->post.fd <= 0 && !open_link(c, &c->post)) {
+		kill_client(c);
+		return;
+	}
+	char head[512];
+	int n = snprintf(head, sizeof head,
+	                 "POST %s?EIO=4&transport=polling&sid=%s HTTP/1.1\r\nHost: %s:%d\r\n"
+	                 "Content-Type: text/plain;charset=UTF-8\r\nContent-Length: %zu\r\n\r\n",
+	                 opt.path, c->sid, opt.host, opt.port, c->queuedlen);
+	send_on(c, &c->post, head, (size_t)n);
+	send_on(c, &c->post, c->queued, c->queuedlen);
+	c->queuedlen = 0;
+	c->posting = true;
+}
+
+/* The length of the first whole HTTP response in l->in, or 0; *body and *bodylen locate
+ * its body, *closes says whether the server closes the connection after it. A status
+ * other than 200 ends the client. */
+static size_t http_response(struct client *c, struct link *l, const char **body, size_t *bodylen,
+                            bool *closes)
+{
+	char *end = memmem(l->in, l->inlen, "\r\n\r\n", 4);
+	if (!end)
+		return 0;
+	if (l->inlen < 12 || memcmp(l->in, "HTTP/1.1 200", 12) != 0) {
+		kill_client(c);
+		return 0;
+	}
+	size_t head = (size_t)(end + 4 - l->in), length = 0;
+	for (char *h = l->in; h && h < end; h = memchr(h, '\n', (size_t)(end + 2 - h))) {
+		h += *h == '\n';
+		if (strncasecmp(h, "content-length:", 15) == 0)
+			length = strtoul(h + 15, NULL, 10);
+		if (strncasecmp(h, "connection: close", 17) == 0)
+			*closes = true;
+	}
+	if (l->inlen - head < length)
+		return 0;
+	*body = l->in + head;
+	*bodylen = length;
+	return head + length;
+}
+
+/* The answer to a GET: its packets, then the next GET (a stalled client stops asking). */
+static void on_poll_answer(struct client *c, const char *body, size_t n)
+{
+	if (c->state == HANDSHAKING) { /* 0{"sid":"...",...} */
+		if (n < 1 || body[0] != '0' || !json_string_field(body, n, "sid", c->sid, sizeof c->sid)) {
+			kill_client(c);
+			return;
+		}
+		c->state = OPENING;
+		on_text(c, body, n);
+	} else {
+		for (const char *p = body, *end = body + n; p < end && c->state != DEAD;) {
+			const char *sep = memchr(p, '\x1e', (size_t)(end - p));
+			const char *stop = sep ? sep : end;
+			on_text(c, p, (size_t)(stop - p));
+			p = stop + 1;
+		}
+	}
+	if (c->state != DEAD && !(c->stalled && c->state == READY))
+		send_poll(c);
+}
+
+static void on_poll_readable(struct client *c, struct link *l)
+{
+	char buf[1 << 16];
+	for (;;) {
+		ssize_t n = recv(l->fd, buf, sizeof buf, MSG_DONTWAIT);
+		if (n == 0 && l == &c->post && !c->posting) { /* an idle keep-alive, closed */
+			drop_link(l);
+			return;
+		}
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+			kill_client(c);
+			return;
+		}
+		if (n < 0)
+			return;
+		append(&l->in, &l->inlen, &l->incap, buf, (size_t)n);
+		const char *body;
+		size_t bodylen, used;
+		bool closes = false;
+		while (c->state != DEAD && (used = http_response(c, l, &body, &bodylen, &closes)) > 0) {
+			if (l == &c->post) { /* "ok": the next POST may go */
+				memmove(l->in, l->in + used, l->inlen - used);
+				l->inlen -= used;
+				if (closes)
+					drop_link(l);
+				c->posting = false;
+				send_post(c);
+				if (closes)
+					return;
+				continue;
+			}
+			on_poll_answer(c, body, bodylen);
+			if (c->state == DEAD)
+				return;
+			memmove(l->in, l->in + used, l->inlen - used);
+			l->inlen -= used;
+		}
+		if (c->state == DEAD || (c->stalled && c->state == READY))
+			return;
+	}
+}
+
+static void on_event(uint64_t tag, uint32_t events)
+{
+	struct client *c = &clients[tag / 2];
+	struct link *l = tag % 2 == POST_SIDE ? &c->post : &c->main;
+	if (c->state == DEAD)
+		return;
 	if (c->state == CONNECTING) {
 		int err = 0;
 		socklen_t len = sizeof err;
-		getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+		getsockopt(l->fd, SOL_SOCKET, SO_ERROR, &err, &len);
 		if (err) {
 			kill_client(c);
 			return;
 		}
-		send_upgrade(c);
+		if (opt.polling) {
+			c->state = HANDSHAKING;
+			arm(c, l, false);
+			send_poll(c);
+		} else {
+			send_upgrade(c);
+		}
 		return;
 	}
 	if (events & EPOLLOUT)
-		flush_out(c);
-	if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && c->state != DEAD)
-		on_readable(c);
+		flush_out(c, l);
+	if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && c->state != DEAD) {
+		if (opt.polling)
+			on_poll_readable(c, l);
+		else
+			on_readable(c);
+	}
 }
 
 /* ---- the server, seen from /proc ---- */
@@ -502,7 +699,7 @@ static void run_until(int64_t deadline, bool (*done)(void), void (*tick)(int64_t
 	while (now_ns() < deadline && !(done && done())) {
 		int n = epoll_wait(epfd, ev, 512, 1);
 		for (int i = 0; i < n; i++)
-			on_event(ev[i].data.ptr, ev[i].events);
+			on_event(ev[i].data.u64, ev[i].events);
 		start_more();
 		if (tick)
 			tick(now_ns());
@@ -573,7 +770,7 @@ static void usage(void)
 	        "               [--scenario join|fanout|hold] [--senders S] [--rate R]\n"
 	        "               [--seconds T] [--warmup W] [--delta] [--stall K]\n"
 	        "               [--server-pid PID] [--ramp N] [--pad BYTES]\n"
-	        "               [--per-address N]\n");
+	        "               [--per-address N] [--transport websocket|polling]\n");
 	exit(2);
 }
 
@@ -584,7 +781,7 @@ int main(int argc, char **argv)
 		{"scenario", 1, 0, 's'}, {"senders", 1, 0, 'S'}, {"rate", 1, 0, 'r'},
 		{"seconds", 1, 0, 't'}, {"warmup", 1, 0, 'w'}, {"delta", 0, 0, 'd'},
 		{"stall", 1, 0, 'k'}, {"server-pid", 1, 0, 'x'}, {"ramp", 1, 0, 'R'}, {"pad", 1, 0, 'z'},
-		{"per-address", 1, 0, 'a'}, {0, 0, 0, 0}};
+		{"per-address", 1, 0, 'a'}, {"transport", 1, 0, 'T'}, {0, 0, 0, 0}};
 	int ch;
 	while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (ch) {
@@ -603,6 +800,11 @@ int main(int argc, char **argv)
 		case 'R': opt.ramp = atoi(optarg); break;
 		case 'z': opt.pad = atoi(optarg); break;
 		case 'a': opt.per_address = atoi(optarg); break;
+		case 'T':
+			if (strcmp(optarg, "polling") != 0 && strcmp(optarg, "websocket") != 0)
+				usage();
+			opt.polling = strcmp(optarg, "polling") == 0;
+			break;
 		default: usage();
 		}
 	}
@@ -613,7 +815,7 @@ int main(int argc, char **argv)
 	getrlimit(RLIMIT_NOFILE, &rl);
 	rl.rlim_cur = rl.rlim_max;
 	setrlimit(RLIMIT_NOFILE, &rl);
-	if ((long)rl.rlim_cur < opt.clients + 64) {
+	if ((long)rl.rlim_cur < (opt.polling ? 2 : 1) * opt.clients + 64) {
 		fprintf(stderr, "loadgen: %d clients need more file descriptors than %ld\n", opt.clients,
 		        (long)rl.rlim_cur);
 		return 1;
@@ -663,7 +865,7 @@ int main(int argc, char **argv)
 	qsort(lat, nlat, sizeof *lat, cmp_u32);
 	long expected = sent_measured * (opt.clients - opt.stall);
 	long alive = opt.clients - dead_count;
-	printf("{\"scenario\":\"%s\",\"clients\":%d,\"delta\":%s,\"senders\":%d,\"rate\":%g,"
+	printf("{\"scenario\":\"%s\",\"transport\":\"%s\",\"clients\":%d,\"delta\":%s,\"senders\":%d,\"rate\":%g,"
 	       "\"stalled\":%d,\"joined\":%d,\"failed\":%d,\"join_seconds\":%.3f,"
 	       "\"sent\":%ld,\"expected\":%ld,\"received\":%ld,\"received_in_window\":%ld,"
 	       "\"dropped_during_run\":%ld,"
@@ -673,7 +875,7 @@ int main(int argc, char **argv)
 	       "\"server_rss_kib_joined\":%ld,\"server_rss_kib_end\":%ld,\"server_rss_kib_max\":%ld,"
 	       "\"loadgen_cpu_s\":%.2f,\"loadgen_cpu_join_s\":%.2f,\"measured_seconds\":%g,"
 	       "\"stalled_dropped_after_s\":%.3f}\n",
-	       opt.scenario, opt.clients, opt.delta ? "true" : "false", opt.senders, opt.rate,
+	       opt.scenario, opt.polling ? "polling" : "websocket", opt.clients, opt.delta ? "true" : "false", opt.senders, opt.rate,
 	       opt.stall, joined_count, opt.clients - joined_count, storm_seconds, sent_measured,
 	       expected, received_measured, received_in_window, dead_count - dead_before, alive, pings_total, pct(0.5),
 	       pct(0.9), pct(0.99), nlat ? lat[nlat - 1] / 1000.0 : -1, cpu_measured,

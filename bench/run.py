@@ -31,13 +31,15 @@ ATTACK = os.path.join(ROOT, "build", "attack")
 
 class Scenario:
     def __init__(self, key, title, clients, loadgen_args, seconds=10, delta=False, compare=None,
-                 chatroom_args=(), servers=("chatroom", "node"), tool=LOADGEN):
+                 chatroom_args=(), servers=("chatroom", "node"), tool=LOADGEN, defaults=False):
         self.key, self.title, self.clients = key, title, clients
         self.loadgen_args, self.seconds, self.delta = loadgen_args, seconds, delta
         self.compare = compare  # for a stall run: the scenario it is compared with
         self.chatroom_args = list(chatroom_args)
         self.servers = servers
         self.tool = tool  # bench/loadgen, or bench/attack for the attack scenarios
+        # chatroom with its default flags, as someone who just runs it has them
+        self.defaults = defaults or tool == ATTACK
 
 
 def fanout(clients, rate, delta, seconds=10, pad=0, stall=0, key=None, title=None, **kw):
@@ -78,8 +80,13 @@ SCENARIOS = [
     fanout(1000, 500, delta=True, key="saturate-1000", title="1000 clients, 500 msg/s (saturated)"),
     Scenario("join-1000", "join storm, 1000 clients with the full name_list", 1000,
              ["--scenario", "join"]),
-    Scenario("hold-10000", "10000 delta clients held 60 s, answering pings", 10000,
-             ["--scenario", "hold", "--ramp", "500"], seconds=60, delta=True),
+    Scenario("hold-10000", "10000 delta clients held 60 s, answering pings (default flags)",
+             10000, ["--scenario", "hold", "--ramp", "500"], seconds=60, delta=True,
+             defaults=True),
+    # more long-polling clients than the old model had threads (one per waiting GET)
+    Scenario("polling-2000", "2000 long-polling delta clients, 10 msg/s (default flags)", 2000,
+             ["--scenario", "fanout", "--transport", "polling", "--senders", "10", "--rate", "10",
+              "--warmup", "2"], seconds=20, delta=True, defaults=True),
     fanout(key="stall-base", **STALL),
     fanout(key="stall-1", stall=1, compare="stall-base", **STALL),
 ] + [attack(mode, conns, addresses) for conns, addresses in ((1500, 300), (5000, 1000))
@@ -123,7 +130,7 @@ def settle(pid, timeout=30):
 
 def start_chatroom(port, scenario):
     cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port), "--quiet"]
-    if scenario.tool == ATTACK:  # attacks meet the defaults, as on a server someone runs
+    if scenario.defaults:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Room just big enough, as someone running this many clients would configure it.
     cmd += ["--max-clients", str(max(scenario.clients, 100)), "--flood-limit", "0",

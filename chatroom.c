@@ -6089,12 +6089,63 @@ static const struct eio_app socketio_app = {
  * the room's events in one order.
  */
 static struct {
-	int members[MAX_CLIENTS]; /* session slots, in the order they joined */
+	int members[MAX_CLIENTS]; /* this server's members' session slots, in the order they joined */
 	int count;
 	int recoverable[2];       /* members that asked for recovery: [0] full, [1] delta presence */
 } room;
 
 static struct session *member(int i) { return &sessions[room.members[i]]; }
+
+/*
+ * The roster: everyone in the room, in the order they joined, as name_list shows them.
+ * On one server it is room.members' names; with --redis it holds the members of every
+ * server, kept as the room's events come back from Redis. Each entry owns a copy of its
+ * nickname, which names.holders points at while it is held.
+ */
+struct roster_entry {
+	char sid[SID_LEN + 1]; /* its Socket.IO id in "/" */
+	char *nick;
+	int session;           /* its session here, or -1 on another server */
+};
+
+static struct {
+	struct roster_entry e[MAX_CLIENTS];
+	int count;
+} roster;
+
+static void name_list_joined(const struct roster_entry *e);
+static void name_list_left(void);
+
+static void roster_add(const char *sid, const char *nick, int session)
+{
+	if (roster.count == MAX_CLIENTS) /* only servers with a larger build make it larger */
+		return;
+	struct roster_entry *e = &roster.e[roster.count++];
+	snprintf(e->sid, sizeof e->sid, "%s", sid);
+	e->nick = xstrndup(nick, strlen(nick));
+	e->session = session;
+	name_claim(e->nick, session);
+	name_list_joined(e);
+}
+
+/* The entry of the member with this sid, or -1. From the end: who leaves first joined
+ * recently, more often than not. */
+static int roster_find(const char *sid)
+{
+	for (int i = roster.count - 1; i >= 0; i--)
+		if (strcmp(roster.e[i].sid, sid) == 0)
+			return i;
+	return -1;
+}
+
+static void roster_remove(int i)
+{
+	name_release(roster.e[i].nick);
+	free(roster.e[i].nick);
+	memmove(&roster.e[i], &roster.e[i + 1], (size_t)(roster.count - i - 1) * sizeof roster.e[0]);
+	roster.count--;
+	name_list_left();
+}
 
 /*
  * History: the last --history messages, kept for newcomers as the JSON of their DATA, as
@@ -6172,19 +6223,19 @@ static struct {
 	bool valid;
 } name_list;
 
-static void name_list_put_entry(struct session *m)
+static void name_list_put_entry(const struct roster_entry *e)
 {
 	buf_adds(&name_list.json, name_list.json.len > 1 ? ",[" : "[");
-	json_put_string(&name_list.json, m->nick);
+	json_put_string(&name_list.json, e->nick);
 	buf_addc(&name_list.json, ',');
-	json_put_string(&name_list.json, m->nsp[0].sid);
+	json_put_string(&name_list.json, e->sid);
 	buf_addc(&name_list.json, ']');
 }
 
-static void name_list_joined(struct session *m)
+static void name_list_joined(const struct roster_entry *e)
 {
 	if (name_list.valid)
-		name_list_put_entry(m);
+		name_list_put_entry(e);
 }
 
 static void name_list_left(void) { name_list.valid = false; }
@@ -6194,8 +6245,8 @@ static void put_name_list(struct buf *b)
 	if (!name_list.valid) {
 		name_list.json.len = 0;
 		buf_addc(&name_list.json, '[');
-		for (int i = 0; i < room.count; i++)
-			name_list_put_entry(member(i));
+		for (int i = 0; i < roster.count; i++)
+			name_list_put_entry(&roster.e[i]);
 		name_list.valid = true;
 	}
 	buf_add(b, name_list.json.p, name_list.json.len);
@@ -6371,8 +6422,7 @@ static struct blob *presence_delta(const char *action, const char *who, const ch
 /* One presence event's forms, each built when first wanted: [delta][numbered]. */
 struct presence {
 	const char *action;
-	struct session *who;
-	int slot;
+	const char *nick, *sid; /* who came or went */
 	uint64_t seq;
 	struct blob *form[2][2];
 };
@@ -6383,18 +6433,19 @@ static struct blob *presence_form(struct presence *p, bool delta, bool numbered)
 	if (!*b && numbered)
 		*b = with_offset(presence_form(p, delta, false), p->seq);
 	else if (!*b && delta)
-		*b = presence_delta(p->action, p->who->nick, p->who->nsp[p->slot].sid);
+		*b = presence_delta(p->action, p->nick, p->sid);
 	else if (!*b)
-		*b = presence_full(p->action, p->who->nick);
+		*b = presence_full(p->action, p->nick);
 	return *b;
 }
 
-/* Tells the room that `who` came or went, each member in the form it asked for (its own
- * login comes whole, name_list and all). */
-static void room_announce(const char *action, struct session *who, int slot)
+/* Tells the members here that someone came or went, each in the form it asked for (a
+ * newcomer's own login comes whole, name_list and all). `who`: its session, if here. */
+static void room_announce(const char *action, const char *nick, const char *sid,
+                          const struct session *who)
 {
 	bool login = strcmp(action, "login") == 0;
-	struct presence p = {.action = action, .who = who, .slot = slot};
+	struct presence p = {.action = action, .nick = nick, .sid = sid};
 	if (recording())
 		p.seq = ++recent.seq;
 	for (int i = 0; i < room.count; i++) {
@@ -6428,14 +6479,13 @@ static void chat_join(struct session *s, int slot, const json_t *auth)
 	const json_t *presence = json_object_get(auth, "presence");
 	s->delta = json_is_string(presence) && strcmp(json_string_value(presence), "delta") == 0;
 	s->nick = name_pick();
-	name_claim(s->nick, s->index);
+	roster_add(s->nsp[slot].sid, s->nick, s->index);
 	room.members[room.count++] = s->index;
-	name_list_joined(s);
 	if (s->recover)
 		room.recoverable[s->delta]++;
 	if (!opt.quiet)
 		log_line("join  %s (sid %s)", s->nick, s->nsp[slot].sid);
-	room_announce("login", s, slot);
+	room_announce("login", s->nick, s->nsp[slot].sid, s);
 	s->joined_seq = recent.seq; /* its own login's number, if the room numbers events */
 	history_send(s);
 }
@@ -6457,7 +6507,9 @@ static void chat_restore(struct session *s, struct session *old, int slot, const
 	s->delta = old->delta;
 	s->flood = old->flood;
 	s->joined_seq = old->joined_seq;
-	strmap_put(&names.holders, s->nick, s->index);
+	int r = roster_find(s->nsp[slot].sid);
+	if (r >= 0)
+		roster.e[r].session = s->index;
 	for (int i = 0; i < room.count; i++)
 		if (room.members[i] == old->index)
 			room.members[i] = s->index;
@@ -6477,12 +6529,13 @@ static void chat_leave(struct session *s, int slot, const char *reason)
 	room.count--;
 	if (s->recover)
 		room.recoverable[s->delta]--;
-	name_list_left();
-	name_release(s->nick);
+	int r = roster_find(s->nsp[slot].sid);
+	if (r >= 0)
+		roster_remove(r);
 	if (!opt.quiet)
 		log_line("leave %s (sid %s): %s", s->nick, s->nsp[slot].sid, reason ? reason : "");
 	if (!stopping) /* at shutdown everyone leaves: nobody is left to tell */
-		room_announce("logout", s, slot);
+		room_announce("logout", s->nick, s->nsp[slot].sid, NULL);
 	while (!recording() && recent.count) /* nobody left who could ask for them */
 		recent_drop_oldest();
 	free(s->nick);

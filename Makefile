@@ -15,7 +15,8 @@
 #
 # civetweb is compiled into chatroom.c's translation unit from its source, fetched at
 # build time from Debian's package registry (apt-get source) into build/, or taken from
-# CIVETWEB_SRC=/path/to/civetweb. jansson comes from libjansson-dev, linked statically.
+# CIVETWEB_SRC=/path/to/civetweb. jansson and hiredis (Redis, for --redis) come from
+# libjansson-dev and libhiredis-dev, linked statically.
 
 CC           ?= gcc
 ifeq ($(origin CC),default)
@@ -33,7 +34,8 @@ CIVETWEB_DEFS := -DNO_SSL -DNO_CGI -DNO_FILES -DUSE_IPV6 -DUSE_STACK_SIZE=262144
 WARNINGS      := -std=c11 -Wall -Wextra -Werror
 EMBED         := -DCHATROOM_CIVETWEB_C='"$(CIVETWEB_C)"' -I$(CIVETWEB_SRC)/include \
                  $(CIVETWEB_DEFS) -Wa,-I$(CURDIR)
-JANSSON_STATIC := -Wl,-Bstatic -ljansson -Wl,-Bdynamic
+LIBS          := -ljansson -lhiredis
+LIBS_STATIC   := -Wl,-Bstatic $(LIBS) -Wl,-Bdynamic
 SANITIZE      := -fsanitize=address,undefined,pointer-compare,pointer-subtract -fno-sanitize-recover=undefined \
                  -fno-omit-frame-pointer
 
@@ -45,19 +47,19 @@ SOURCES := chatroom.c name.txt web/index.html Makefile
 all: chatroom
 
 chatroom: $(SOURCES) $(CIVETWEB_C) | check-deps
-	$(CC) $(WARNINGS) $(CFLAGS) $(EMBED) -pthread -o $@ chatroom.c $(JANSSON_STATIC)
+	$(CC) $(WARNINGS) $(CFLAGS) $(EMBED) -pthread -o $@ chatroom.c $(LIBS_STATIC)
 
 $(BUILD)/chatroom-asan: $(SOURCES) $(CIVETWEB_C) | check-deps
-	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ chatroom.c -ljansson
+	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ chatroom.c $(LIBS)
 
 $(BUILD)/protocol-server: test/protocol-server.c $(SOURCES) $(CIVETWEB_C) | check-deps
-	$(CC) $(WARNINGS) $(CFLAGS) $(EMBED) -pthread -o $@ test/protocol-server.c $(JANSSON_STATIC)
+	$(CC) $(WARNINGS) $(CFLAGS) $(EMBED) -pthread -o $@ test/protocol-server.c $(LIBS_STATIC)
 
 $(BUILD)/protocol-server-asan: test/protocol-server.c $(SOURCES) $(CIVETWEB_C) | check-deps
-	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/protocol-server.c -ljansson
+	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/protocol-server.c $(LIBS)
 
 $(BUILD)/unit: test/unit.c $(SOURCES) $(CIVETWEB_C) | check-deps
-	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/unit.c -ljansson
+	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/unit.c $(LIBS)
 
 $(CIVETWEB_C):
 	@.ci/fetch-source civetweb $(CIVETWEB_SRC)
@@ -102,9 +104,9 @@ bench: chatroom $(BUILD)/loadgen $(BUILD)/attack bench/node_modules
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 # ---- static and cross builds ----------------------------------------------------------
-# make static [ARCH=x86_64|arm64|armhf] builds build/chatroom-ARCH: fully static, civetweb
-# and jansson compiled in from their sources (jansson's fetched like civetweb's, or taken
-# from JANSSON_SRC=/path/to/jansson), stripped. arm64 is the 64-bit Raspberry Pi OS (Pi
+# make static [ARCH=x86_64|arm64|armhf] builds build/chatroom-ARCH: fully static, civetweb,
+# jansson and hiredis compiled in from their sources (fetched like civetweb's, or taken
+# from JANSSON_SRC=/path/to/jansson and HIREDIS_SRC=/path/to/hiredis), stripped. arm64 is the 64-bit Raspberry Pi OS (Pi
 # 3, 4, 5); armhf is 32-bit ARMv7 (Pi 2 and newer). Cross compilers: Debian's
 # gcc-aarch64-linux-gnu and gcc-arm-linux-gnueabihf.
 
@@ -116,23 +118,33 @@ CROSS_PKG_arm64 := gcc-aarch64-linux-gnu
 CROSS_PKG_armhf := gcc-arm-linux-gnueabihf
 cross         = $(if $(filter $(1),$(NATIVE_ARCH)),,$(CROSS_$(1)))
 JANSSON_SRC  ?= $(BUILD)/jansson
+HIREDIS_SRC  ?= $(BUILD)/hiredis
+HIREDIS_C    := hiredis.c net.c read.c sds.c alloc.c async.c
 STATIC_FLAGS := -Os -static -ffunction-sections -fdata-sections -Wl,--gc-sections
 
 static: $(BUILD)/chatroom-$(ARCH)
 	@ls -l $(BUILD)/chatroom-$(ARCH)
 
-$(BUILD)/chatroom-%: $(SOURCES) $(CIVETWEB_C) $(JANSSON_SRC)/src/load.c .ci/jansson-config
+$(BUILD)/chatroom-%: $(SOURCES) $(CIVETWEB_C) $(JANSSON_SRC)/src/load.c $(HIREDIS_SRC)/hiredis.c \
+                     .ci/jansson-config
 	@command -v $(call cross,$*)gcc >/dev/null || { echo "chatroom: building for $* needs $(call cross,$*)gcc. Fix: sudo apt-get install $(CROSS_PKG_$*)"; exit 1; }
 	@rm -rf $(BUILD)/static-$*
 	@.ci/jansson-config $(BUILD)/static-$*/include
 	cd $(BUILD)/static-$* && $(call cross,$*)gcc -Os -w -ffunction-sections -fdata-sections \
 	    -DHAVE_CONFIG_H -Iinclude -c $(abspath $(JANSSON_SRC))/src/*.c
+	@mkdir -p $(BUILD)/static-$*/include/hiredis
+	cp $(HIREDIS_SRC)/*.h $(BUILD)/static-$*/include/hiredis/
+	cd $(BUILD)/static-$* && $(call cross,$*)gcc -Os -w -ffunction-sections -fdata-sections \
+	    -c $(addprefix $(abspath $(HIREDIS_SRC))/,$(HIREDIS_C))
 	$(call cross,$*)gcc $(WARNINGS) $(STATIC_FLAGS) $(EMBED) -I$(BUILD)/static-$*/include \
 	    -I$(JANSSON_SRC)/src -pthread -o $@ chatroom.c $(BUILD)/static-$*/*.o
 	$(call cross,$*)strip $@
 
 $(JANSSON_SRC)/src/load.c:
 	@.ci/fetch-source jansson $(JANSSON_SRC)
+
+$(HIREDIS_SRC)/hiredis.c:
+	@.ci/fetch-source hiredis $(HIREDIS_SRC)
 
 # ---- install --------------------------------------------------------------------------
 # make install [PREFIX=/usr/local] [DESTDIR=]: the binary and its man page. For a service,
@@ -186,3 +198,42 @@ test-deps:
 
 clean:
 	rm -rf chatroom $(BUILD)/chatroom-asan $(BUILD)/unit test/__pycache__
+
+# ---- mutation testing -----------------------------------------------------------------
+# make mutate: each mutant of test/mutants.toml (a small bug that breaks one promise of the
+# README or one rule of the protocols) is applied to a copy of chatroom.c or of the page,
+# built in a temporary directory and run against the tests named for it; the summary says
+# which survived. Not part of make test: it takes many minutes. MUTATE_ARGS passes
+# options to test/mutate.py (e.g. MUTATE_ARGS="--list", or mutant ids).
+.PHONY: mutate
+mutate: $(CIVETWEB_C) test/node_modules | check-deps
+	$(PYTHON) test/mutate.py $(MUTATE_ARGS)
+
+# ---- fuzzing --------------------------------------------------------------------------
+# make fuzz: builds the libFuzzer targets of test/fuzz/ (clang, ASan+UBSan; each says at
+# its top what it fuzzes and which property it asserts) and runs each for FUZZ_SECONDS
+# (default 60) on a scratch copy of its corpus; fails if any finds a crash or a broken
+# property (the input is left in build/fuzz/). make fuzz-replay: each target once over
+# its committed corpus, seeds and regression inputs (crash-*), in seconds.
+FUZZ_TARGETS  := json payload websocket socketio base64 utf8 http
+FUZZ_SECONDS  ?= 60
+FUZZ_CC       ?= clang
+FUZZ_FLAGS    := -std=c11 -Wall -Wextra -Werror -Wno-null-pointer-subtraction -g -O1 \
+                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+FUZZ_BINARIES := $(FUZZ_TARGETS:%=$(BUILD)/fuzz/%)
+
+.PHONY: fuzz fuzz-replay fuzz-deps
+
+fuzz: $(FUZZ_BINARIES)
+	@test/fuzz/run.sh fuzz $(FUZZ_SECONDS) $(BUILD)/fuzz $(FUZZ_TARGETS)
+
+fuzz-replay: $(FUZZ_BINARIES)
+	@test/fuzz/run.sh replay $(BUILD)/fuzz $(FUZZ_TARGETS)
+
+$(BUILD)/fuzz/%: test/fuzz/fuzz_%.c test/fuzz/fuzz.h $(SOURCES) $(CIVETWEB_C) | check-deps fuzz-deps
+	@mkdir -p $(BUILD)/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(EMBED) -pthread -o $@ $< $(LIBS)
+
+fuzz-deps:
+	@echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' | \
+	    $(FUZZ_CC) -fsanitize=fuzzer -x c - -o /dev/null 2>/dev/null || { echo "chatroom: fuzzing needs clang and its libFuzzer runtime. Fix: sudo apt-get install clang libclang-rt-14-dev"; exit 1; }

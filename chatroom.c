@@ -67,6 +67,7 @@
 #endif
 
 #include <jansson.h>
+#include <hiredis/hiredis.h>
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -168,6 +169,9 @@ static struct options {
 	int recovery_window;    /* s: a lost client may come back within this; 0: off */
 	const char *metrics_host; /* NULL: /metrics on the chat's port */
 	int metrics_port;
+	const char *redis_host; /* --redis: NULL, one server alone */
+	int redis_port, redis_db;
+	const char *room;       /* --room: the prefix of the room's keys in Redis */
 	int connect_timeout;    /* ms: a session must join a namespace within this */
 	int history;            /* chat messages kept for newcomers; 0: none */
 	const char *path;       /* where Engine.IO listens: "/socket.io/" */
@@ -192,6 +196,7 @@ static struct options {
 	.max_memory = 0,
 	.header_timeout = 60000,
 	.recovery_window = 15,
+	.room = "chatroom",
 	.connect_timeout = 45000,
 	.history = 50,
 	.path = "/socket.io/",
@@ -241,6 +246,9 @@ static void usage(FILE *f)
 	        "                           (default 15; 0: off)\n"
 	        "      --metrics-address ADDRESS:PORT  serve /metrics (Prometheus) there\n"
 	        "                           instead of on --port, e.g. 127.0.0.1:9100\n"
+	        "      --redis redis://HOST:PORT[/DB]  serve one room with every other server\n"
+	        "                           that uses this Redis and room name\n"
+	        "      --room NAME          the room's name in Redis (default chatroom)\n"
 	        "      --path PATH          where Socket.IO clients connect (default /socket.io/)\n"
 	        "      --cors-origin ORIGIN a web page's origin allowed to connect from another\n"
 	        "                           site, like https://example.org; repeatable; * for\n"
@@ -322,6 +330,41 @@ static void parse_address(const char *flag, const char *arg, const char **host, 
 	*port = (int)parse_number(flag, colon + 1, 1, 65535);
 }
 
+/* --redis redis://HOST[:PORT][/DB], HOST a name, an IPv4 address or [an IPv6 one]. */
+static void parse_redis_url(const char *arg)
+{
+	const char *p = strncmp(arg, "redis://", 8) == 0 ? arg + 8 : NULL;
+	const char *host_end = NULL, *port = NULL;
+	if (p && *p == '[') {
+		host_end = strchr(p, ']');
+		port = host_end && host_end[1] == ':' ? host_end + 2 : NULL;
+		p++;
+	} else if (p) {
+		host_end = p + strcspn(p, ":/");
+		port = *host_end == ':' ? host_end + 1 : NULL;
+	}
+	const char *slash = p ? strchr(host_end ? host_end : p, '/') : NULL;
+	if (!p || !host_end || host_end == p || host_end - p > 255) {
+		fprintf(stderr, "chatroom: --redis wants redis://HOST:PORT[/DB], like "
+		                "redis://127.0.0.1:6379, not '%s'\n", arg);
+		exit(2);
+	}
+	char *host = strndup(p, (size_t)(host_end - p));
+	if (!host)
+		abort();
+	opt.redis_host = host;
+	opt.redis_port = 6379;
+	if (port) {
+		char digits[8] = "";
+		size_t n = slash ? (size_t)(slash - port) : strlen(port);
+		if (n < sizeof digits)
+			memcpy(digits, port, n), digits[n] = 0;
+		opt.redis_port = (int)parse_number("--redis (port)", digits, 1, 65535);
+	}
+	if (slash && slash[1])
+		opt.redis_db = (int)parse_number("--redis (database)", slash + 1, 0, 100000);
+}
+
 /* "/chat" or "chat/" become "/chat/": Engine.IO paths begin and end with a slash. */
 static const char *normalize_path(const char *arg)
 {
@@ -376,7 +419,7 @@ static void parse_options(int argc, char **argv)
 	       OPT_QUEUE_LIMIT, OPT_THREADS, OPT_PATH, OPT_CORS, OPT_FLOOD, OPT_CONNECT_TIMEOUT,
 	       OPT_HISTORY, OPT_INBOUND_RATE, OPT_CONNS_PER_ADDRESS, OPT_SESSIONS_PER_ADDRESS,
 	       OPT_JOINS_PER_MINUTE, OPT_MAX_MEMORY, OPT_HEADER_TIMEOUT, OPT_METRICS_ADDRESS,
-	       OPT_RECOVERY_WINDOW };
+	       OPT_RECOVERY_WINDOW, OPT_REDIS, OPT_ROOM };
 	static const struct option longopts[] = {
 		{"port", required_argument, NULL, 'p'},
 		{"host", required_argument, NULL, 'H'},
@@ -400,6 +443,8 @@ static void parse_options(int argc, char **argv)
 		{"header-timeout", required_argument, NULL, OPT_HEADER_TIMEOUT},
 		{"metrics-address", required_argument, NULL, OPT_METRICS_ADDRESS},
 		{"recovery-window", required_argument, NULL, OPT_RECOVERY_WINDOW},
+		{"redis", required_argument, NULL, OPT_REDIS},
+		{"room", required_argument, NULL, OPT_ROOM},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -459,6 +504,19 @@ static void parse_options(int argc, char **argv)
 			break;
 		case OPT_RECOVERY_WINDOW:
 			opt.recovery_window = (int)parse_number("--recovery-window", optarg, 0, 3600);
+			break;
+		case OPT_REDIS:
+			parse_redis_url(optarg);
+			break;
+		case OPT_ROOM:
+			if (!*optarg || strlen(optarg) > 64 ||
+			    strspn(optarg, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") !=
+			        strlen(optarg)) {
+				fprintf(stderr, "chatroom: --room wants 1 to 64 letters, digits, '_', '.' "
+				                "or '-', not '%s'\n", optarg);
+				exit(2);
+			}
+			opt.room = optarg;
 			break;
 		case OPT_METRICS_ADDRESS:
 			parse_address("--metrics-address", optarg, &opt.metrics_host, &opt.metrics_port);
@@ -2051,6 +2109,7 @@ struct endpoint {
 /* A session's membership in one Socket.IO namespace. */
 struct sio_socket {
 	bool connected;
+	bool asking; /* its CONNECT waits for the namespace's answer (admit_later) */
 	char sid[SID_LEN + 1];
 };
 
@@ -2125,6 +2184,11 @@ struct session {
 	bool delta;          /* asked for presence deltas instead of whole name lists */
 	struct bucket flood; /* messages it may send (see flooding) */
 	uint64_t joined_seq; /* the number of its own login (see recovery) */
+	/* with --redis (see the room across servers) */
+	enum { JOIN_NONE, JOIN_WAITING, JOIN_ASKED, JOIN_ANSWERED, JOIN_IN } join;
+	int64_t asked_at;           /* when its CONNECT came */
+	struct blob *history_ready; /* its history event, sent after its login */
+	bool rejoin;                /* closed so that its client comes back: no close packet */
 };
 
 /*
@@ -3952,10 +4016,11 @@ static int poll_take(struct session *s, struct packet *pk, size_t *cost)
 		}
 	}
 	if (n == 0) {
-		/* At shutdown a noop, not a close packet: python-engineio takes a close packet for
+		/* At shutdown (or for a client we want back, s->rejoin) a noop, not a close
+		 * packet: python-engineio takes a close packet for
 		 * the server ending the session on purpose and never reconnects; after a noop its
 		 * next request fails, and every client takes that for a lost connection. */
-		bool close = s->state != S_OPEN && !s->closed_by_client && !stopping;
+		bool close = s->state != S_OPEN && !s->closed_by_client && !stopping && !s->rejoin;
 		pk[n++] = (struct packet){blob_of(close ? "1" : "6", 1), false};
 	}
 	s->get_active = false;
@@ -5516,6 +5581,10 @@ struct sio_handler {
 	const char *name;
 	/* A client asks to join: NULL lets it in, anything else is the refusal's message. */
 	const char *(*admit)(struct session *s, int slot, const json_t *auth);
+	/* Then, if not NULL: true if the answer must wait (the room across servers asks Redis
+	 * first); the namespace gives it later with sio_admitted or sio_refused, and
+	 * on_connect is not called. */
+	bool (*admit_later)(struct session *s, int slot, const json_t *auth);
 	/* It is in: the CONNECT answer is queued already, so anything sent now comes after. */
 	void (*on_connect)(struct session *s, int slot, const json_t *auth);
 	void (*on_event)(struct session *s, int slot, const struct sio_packet *p,
@@ -5843,7 +5912,7 @@ static void sio_connect(struct session *s, struct json_span nsp, const json_t *a
 		return;
 	}
 	struct sio_socket *sk = &s->nsp[slot];
-	if (sk->connected) {
+	if (sk->connected || sk->asking) {
 		session_close(s, "invalid state"); /* a second CONNECT: Node closes, so do we */
 		return;
 	}
@@ -5861,15 +5930,32 @@ static void sio_connect(struct session *s, struct json_span nsp, const json_t *a
 		make_sid(s->pid);
 		strmap_put(&pids, s->pid, s->index);
 	}
+	if (namespaces[slot]->admit_later && namespaces[slot]->admit_later(s, slot, auth)) {
+		sk->asking = true;
+		return;
+	}
 	sio_connected(s, slot, nsp);
 	namespaces[slot]->on_connect(s, slot, auth);
 }
 
+/* A CONNECT that waited is answered: in, or refused. room_lock held. */
+static void sio_admitted(struct session *s, int slot)
+{
+	s->nsp[slot].asking = false;
+	sio_connected(s, slot, span_of(namespaces[slot]->name));
+}
+
+static void sio_refused(struct session *s, int slot, const char *why)
+{
+	s->nsp[slot].asking = false;
+	sio_refuse(s, span_of(namespaces[slot]->name), why);
+}
+
 static void sio_leave(struct session *s, int slot, const char *reason)
 {
-	if (!s->nsp[slot].connected)
+	if (!s->nsp[slot].connected && !s->nsp[slot].asking)
 		return;
-	s->nsp[slot].connected = false;
+	s->nsp[slot].connected = s->nsp[slot].asking = false;
 	namespaces[slot]->on_disconnect(s, slot, reason);
 }
 
@@ -5904,7 +5990,7 @@ static void sio_rearm(struct session *s)
 static bool sio_in_any(const struct session *s)
 {
 	for (int i = 0; i < n_namespaces; i++)
-		if (s->nsp[i].connected)
+		if (s->nsp[i].connected || s->nsp[i].asking)
 			return true;
 	return false;
 }
@@ -6467,7 +6553,7 @@ static void room_announce(const char *action, const char *nick, const char *sid,
 static const char *chat_admit(struct session *s, int slot, const json_t *auth)
 {
 	(void)slot, (void)auth;
-	if (room.count >= opt.max_clients)
+	if (roster.count >= opt.max_clients)
 		return "room is full";
 	if (!peer_may_join(s->peer))
 		return "too many joins from your address: try again in a minute";
@@ -6518,8 +6604,17 @@ static void chat_restore(struct session *s, struct session *old, int slot, const
 	recent_replay(s, from);
 }
 
+static void chat_leave_redis(struct session *s, int slot, const char *reason);
+static void redis_ask_msg(struct session *s, int slot, const struct blob *msg,
+                          struct blob *const *att, int natt, const char *data, size_t data_len,
+                          struct json_span ack);
+
 static void chat_leave(struct session *s, int slot, const char *reason)
 {
+	if (opt.redis_host) {
+		chat_leave_redis(s, slot, reason);
+		return;
+	}
 	int i = 0;
 	while (i < room.count && room.members[i] != s->index)
 		i++;
@@ -6588,17 +6683,27 @@ static void chat_talk(struct session *s, int slot, const struct sio_packet *p,
 		buf_add(&b, p->json.p, p->json.n);
 	}
 	struct blob *msg = blob_from_buf(&b);
+	bool keep = has_data && p->attachments == 0;
+	if (opt.redis_host) { /* delivered, and acknowledged, when Redis has put it in order */
+		redis_ask_msg(s, slot, msg, att, p->attachments, keep ? msg->data + data_at : "",
+		              keep ? data_len : 0, p->ack);
+		blob_unref(msg);
+		return;
+	}
 	room_broadcast(msg, att, p->attachments);
-	if (has_data && p->attachments == 0)
+	if (keep)
 		history_add(msg->data + data_at, data_len);
 	blob_unref(msg);
 	if (p->ack.n > 0)
 		sio_send(s, SIO_ACK, span_of(namespaces[slot]->name), p->ack, "[]", 2);
 }
 
+static bool chat_admit_later(struct session *s, int slot, const json_t *auth);
+
 static const struct sio_handler chat_namespace = {
 	.name = "/",
 	.admit = chat_admit,
+	.admit_later = chat_admit_later,
 	.on_connect = chat_join,
 	.on_event = chat_talk,
 	.on_disconnect = chat_leave,
@@ -6606,6 +6711,1086 @@ static const struct sio_handler chat_namespace = {
 	.can_restore = chat_can_restore,
 	.restore = chat_restore,
 };
+
+/* ============================ the room across servers ============================ */
+/*
+ * With --redis, this server is one of several that serve one room, through Redis. Redis
+ * holds the room -- who is in it, in join order, under which nickname, and the last
+ * messages -- and puts its events in one order: every login, logout and message is a Lua
+ * script that changes the room, numbers the event (INCR) and PUBLISHes it on the room's
+ * channel, in one atomic step. Every server, this one included, delivers an event to its
+ * clients only when it comes back on that channel, so all clients everywhere see one
+ * sequence. (Socket.IO's Redis adapters deliver locally first and publish after: people
+ * on different servers can see messages in different orders.) A message is acknowledged
+ * once its script has run: then it is in the room's sequence.
+ *
+ * One thread of ours talks to Redis, over two connections: one runs the scripts
+ * (pipelined: replies come in order), the other is subscribed to the channel. Other
+ * threads queue requests under room_lock and wake it; it applies replies and events under
+ * room_lock, and does its I/O without it.
+ *
+ * Keys, under the prefix --room (default "chatroom"):
+ *   ROOM:seq             the last event's number; every number is published exactly once,
+ *                        so a gap means we missed something
+ *   ROOM:order           sorted set: members' sids, scored by their login's number
+ *   ROOM:nick            hash: sid -> nickname        ROOM:names   nickname -> sid
+ *   ROOM:history         the last messages' DATA, newest first
+ *   ROOM:servers         the live servers' ids
+ *   ROOM:alive:ID        lives 5 s, renewed every second by server ID
+ *   ROOM:members:ID      the sids of server ID's members
+ *   ROOM:events          the channel: "L seq sid nick", "O seq sid", "M seq natt lens\n..."
+ * A server whose alive key expired (killed, cut off) is reaped by the first server whose
+ * heartbeat notices: one script takes it out of ROOM:servers and logs its members out.
+ * Scripts run one at a time, so that happens once, however many servers notice.
+ *
+ * When Redis cannot be reached, or answers nothing for REDIS_STALL_MS, or more than
+ * REDIS_BACKLOG bytes wait for it, nobody here can be in the room: our clients are
+ * disconnected, so that they come back by themselves; a CONNECT waits up to
+ * REDIS_JOIN_WAIT_MS for Redis, then is refused ("room unavailable"); /healthz says 503.
+ * We reconnect with backoff, as a new server with a new id: the old one is reaped like
+ * any dead server. Redis bounds what it buffers for a subscriber that falls behind
+ * (client-output-buffer-limit pubsub, 32 MB by default) by dropping it: that, too, is a
+ * lost connection here.
+ */
+enum {
+	REDIS_ALIVE_MS = 5000,      /* a server's alive key lives this long... */
+	REDIS_BEAT_MS = 1000,       /* ...and is renewed this often */
+	REDIS_STALL_MS = 5000,      /* Redis answers within this, or counts as lost */
+	REDIS_JOIN_WAIT_MS = 10000, /* a CONNECT waits this long for Redis to come back */
+	REDIS_BACKOFF_MAX_MS = 5000,
+	REDIS_BACKLOG = 16 << 20,   /* bytes of requests waiting for Redis, at most */
+	REDIS_CANDIDATES = 6,       /* nicknames a login offers; Redis takes the first free */
+};
+
+enum redis_kind { R_LOGIN, R_LOGOUT, R_MSG, R_BEAT, R_GOODBYE };
+
+/* A request for Redis, queued by any thread, then in flight until its reply. */
+struct redis_request {
+	struct redis_request *next;
+	enum redis_kind kind;
+	char *cmd; /* as hiredis formats it */
+	size_t len;
+	int session; /* whose login or message (-1: nobody's) */
+	uint32_t gen;
+	char sid[SID_LEN + 1];
+	char *ack; /* the message's ack id, if it asked for one */
+	size_t ack_len;
+	int64_t at;
+};
+
+static struct {
+	/* guarded by room_lock */
+	bool up;                     /* connected, registered, and in step with the channel */
+	bool reaped;                 /* a beat found us taken for dead: our members are gone */
+	struct redis_request *queue, *queue_last;
+	size_t queued_bytes;
+	uint64_t seq;                /* the last event applied */
+	/* the Redis thread's own */
+	pthread_t thread;
+	int evfd;
+	redisContext *cmd, *sub;
+	struct redis_request *flight, *flight_last;
+	size_t flight_bytes;
+	char id[SID_LEN + 1];        /* this server, this connection */
+	char sha[5][41];             /* the scripts, loaded */
+	char prefix[80];             /* "ROOM:" */
+	char keys[7][96];            /* seq order nick names history servers events */
+} redis;
+
+static struct strmap newcomers; /* see the chat's side, below */
+
+static const char *const redis_script_text[5] = {
+	/* R_LOGIN. ARGV: sid, server, prefix, room size, nickname candidates... Returns
+	 * {seq, nick, history...}, or {"full"}, {"reaped"} (this server was taken for dead),
+	 * {"taken"} (every candidate is) */
+	"if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return {'full'} end\n"
+	"if redis.call('SISMEMBER', KEYS[6], ARGV[2]) == 0 then return {'reaped'} end\n"
+	"for i = 5, #ARGV do\n"
+	"  local nick = ARGV[i]\n"
+	"  if redis.call('HSETNX', KEYS[4], nick, ARGV[1]) == 1 then\n"
+	"    local seq = redis.call('INCR', KEYS[1])\n"
+	"    redis.call('ZADD', KEYS[2], seq, ARGV[1])\n"
+	"    redis.call('HSET', KEYS[3], ARGV[1], nick)\n"
+	"    redis.call('SADD', ARGV[3] .. 'members:' .. ARGV[2], ARGV[1])\n"
+	"    redis.call('PUBLISH', KEYS[7], 'L ' .. seq .. ' ' .. ARGV[1] .. ' ' .. nick)\n"
+	"    local out = {seq, nick}\n"
+	"    for _, m in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do out[#out + 1] = m end\n"
+	"    return out\n"
+	"  end\n"
+	"end\n"
+	"return {'taken'}\n",
+	/* R_LOGOUT. ARGV: sid, server, prefix. Returns the event's number, or 0 if the sid
+	 * was not in the room (reaped already). */
+	"local nick = redis.call('HGET', KEYS[3], ARGV[1])\n"
+	"if not nick then return 0 end\n"
+	"redis.call('HDEL', KEYS[3], ARGV[1])\n"
+	"if redis.call('HGET', KEYS[4], nick) == ARGV[1] then redis.call('HDEL', KEYS[4], nick) end\n"
+	"redis.call('ZREM', KEYS[2], ARGV[1])\n"
+	"redis.call('SREM', ARGV[3] .. 'members:' .. ARGV[2], ARGV[1])\n"
+	"local seq = redis.call('INCR', KEYS[1])\n"
+	"redis.call('PUBLISH', KEYS[7], 'O ' .. seq .. ' ' .. ARGV[1])\n"
+	"return seq\n",
+	/* R_MSG. ARGV: sid, "natt lens\n" and the bytes, DATA for history ('' if not kept),
+	 * history length. Returns the event's number, or 0 if the sender is not in the room. */
+	"if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return 0 end\n"
+	"local seq = redis.call('INCR', KEYS[1])\n"
+	"if ARGV[3] ~= '' then\n"
+	"  redis.call('LPUSH', KEYS[5], ARGV[3])\n"
+	"  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[4]) - 1)\n"
+	"end\n"
+	"redis.call('PUBLISH', KEYS[7], 'M ' .. seq .. ' ' .. ARGV[2])\n"
+	"return seq\n",
+	/* R_BEAT, and registration. ARGV: server, prefix, alive ms, register? Renews our
+	 * alive key, reaps the servers whose key expired (logging their members out), and
+	 * returns whether we are registered; registering, the room as it is: {seq, sid,
+	 * nick, sid, nick...}. */
+	"redis.call('SET', ARGV[2] .. 'alive:' .. ARGV[1], '1', 'PX', ARGV[3])\n"
+	"if ARGV[4] == '1' then redis.call('SADD', KEYS[6], ARGV[1]) end\n"
+	"for _, id in ipairs(redis.call('SMEMBERS', KEYS[6])) do\n"
+	"  if redis.call('EXISTS', ARGV[2] .. 'alive:' .. id) == 0 then\n"
+	"    redis.call('SREM', KEYS[6], id)\n"
+	"    local set = ARGV[2] .. 'members:' .. id\n"
+	"    for _, sid in ipairs(redis.call('SMEMBERS', set)) do\n"
+	"      local nick = redis.call('HGET', KEYS[3], sid)\n"
+	"      if nick then\n"
+	"        redis.call('HDEL', KEYS[3], sid)\n"
+	"        if redis.call('HGET', KEYS[4], nick) == sid then redis.call('HDEL', KEYS[4], nick) end\n"
+	"        redis.call('ZREM', KEYS[2], sid)\n"
+	"        local seq = redis.call('INCR', KEYS[1])\n"
+	"        redis.call('PUBLISH', KEYS[7], 'O ' .. seq .. ' ' .. sid)\n"
+	"      end\n"
+	"    end\n"
+	"    redis.call('DEL', set)\n"
+	"  end\n"
+	"end\n"
+	"if ARGV[4] ~= '1' then return {redis.call('SISMEMBER', KEYS[6], ARGV[1])} end\n"
+	"local out = {redis.call('GET', KEYS[1]) or '0'}\n"
+	"for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do\n"
+	"  out[#out + 1] = sid\n"
+	"  out[#out + 1] = redis.call('HGET', KEYS[3], sid) or '?'\n"
+	"end\n"
+	"return out\n",
+	/* R_GOODBYE, at shutdown. ARGV: server, prefix. Logs our members out, unregisters. */
+	"redis.call('SREM', KEYS[6], ARGV[1])\n"
+	"redis.call('DEL', ARGV[2] .. 'alive:' .. ARGV[1])\n"
+	"local set = ARGV[2] .. 'members:' .. ARGV[1]\n"
+	"for _, sid in ipairs(redis.call('SMEMBERS', set)) do\n"
+	"  local nick = redis.call('HGET', KEYS[3], sid)\n"
+	"  if nick then\n"
+	"    redis.call('HDEL', KEYS[3], sid)\n"
+	"    if redis.call('HGET', KEYS[4], nick) == sid then redis.call('HDEL', KEYS[4], nick) end\n"
+	"    redis.call('ZREM', KEYS[2], sid)\n"
+	"    local seq = redis.call('INCR', KEYS[1])\n"
+	"    redis.call('PUBLISH', KEYS[7], 'O ' .. seq .. ' ' .. sid)\n"
+	"  end\n"
+	"end\n"
+	"redis.call('DEL', set)\n"
+	"return 1\n",
+};
+
+static void redis_wake(void)
+{
+	uint64_t one = 1;
+	ssize_t w = write(redis.evfd, &one, sizeof one);
+	(void)w;
+}
+
+static void redis_request_free(struct redis_request *r)
+{
+	free(r->cmd);
+	free(r->ack);
+	free(r);
+}
+
+/* A request to run script `kind` with these arguments (after its keys), formatted now.
+ * room_lock held (or the Redis thread's own, for beats). */
+static struct redis_request *redis_request_new(enum redis_kind kind, int argc, const char **argv,
+                                               const size_t *lens)
+{
+	enum { KEYS = 7 };
+	const char *all[KEYS + 3 + 16 + REDIS_CANDIDATES];
+	size_t all_lens[sizeof all / sizeof *all];
+	int n = 0;
+	all[n] = "EVALSHA", all_lens[n++] = 7;
+	all[n] = redis.sha[kind], all_lens[n++] = strlen(redis.sha[kind]);
+	all[n] = "7", all_lens[n++] = 1;
+	for (int i = 0; i < KEYS; i++)
+		all[n] = redis.keys[i], all_lens[n++] = strlen(redis.keys[i]);
+	for (int i = 0; i < argc && n < (int)(sizeof all / sizeof *all); i++)
+		all[n] = argv[i], all_lens[n++] = lens ? lens[i] : strlen(argv[i]);
+	struct redis_request *r = xmalloc(sizeof *r);
+	memset(r, 0, sizeof *r);
+	r->kind = kind;
+	r->session = -1;
+	r->at = now_ms();
+	int len = redisFormatCommandArgv(&r->cmd, n, all, all_lens);
+	if (len < 0) {
+		fprintf(stderr, "chatroom: out of memory\n");
+		abort();
+	}
+	r->len = (size_t)len;
+	return r;
+}
+
+/* Queues a request for the Redis thread; if Redis is too far behind, the request is
+ * dropped and Redis counts as lost. room_lock held. */
+static void redis_submit(struct redis_request *r)
+{
+	if (!redis.up || redis.queued_bytes + r->len > REDIS_BACKLOG) {
+		if (redis.up) /* the thread sees it is behind: see redis_behind */
+			redis.queued_bytes = SIZE_MAX / 2;
+		redis_request_free(r);
+		redis_wake();
+		return;
+	}
+	if (redis.queue_last)
+		redis.queue_last->next = r;
+	else
+		redis.queue = r;
+	redis.queue_last = r;
+	redis.queued_bytes += r->len;
+	redis_wake();
+}
+
+/* The nicknames a login offers, most wanted first: free ones here, which Redis may know
+ * taken elsewhere. */
+static int redis_candidates(char *out[REDIS_CANDIDATES])
+{
+	for (int i = 0; i < REDIS_CANDIDATES; i++)
+		out[i] = name_pick();
+	return REDIS_CANDIDATES;
+}
+
+static void redis_ask_login(struct session *s, int slot)
+{
+	char size[16], *nicks[REDIS_CANDIDATES];
+	snprintf(size, sizeof size, "%d", opt.max_clients);
+	int n = redis_candidates(nicks);
+	const char *argv[4 + REDIS_CANDIDATES] = {s->nsp[slot].sid, redis.id, redis.prefix, size};
+	for (int i = 0; i < n; i++)
+		argv[4 + i] = nicks[i];
+	struct redis_request *r = redis_request_new(R_LOGIN, 4 + n, argv, NULL);
+	for (int i = 0; i < n; i++)
+		free(nicks[i]);
+	r->session = s->index;
+	r->gen = s->gen;
+	memcpy(r->sid, s->nsp[slot].sid, sizeof r->sid);
+	redis_submit(r);
+}
+
+static void redis_ask_logout(const char *sid)
+{
+	if (!redis.up)
+		return; /* gone with Redis: reaped when it is back */
+	const char *argv[3] = {sid, redis.id, redis.prefix};
+	redis_submit(redis_request_new(R_LOGOUT, 3, argv, NULL));
+}
+
+/* A message for the room: the Socket.IO text, its attachments, the DATA kept in history
+ * (empty: not kept), and the ack it asked for. */
+static void redis_ask_msg(struct session *s, int slot, const struct blob *msg,
+                          struct blob *const *att, int natt, const char *data, size_t data_len,
+                          struct json_span ack)
+{
+	struct buf event = {0};
+	buf_printf(&event, "%d %zu", natt, msg->len);
+	for (int i = 0; i < natt; i++)
+		buf_printf(&event, " %zu", att[i]->len);
+	buf_addc(&event, '\n');
+	buf_add(&event, msg->data, msg->len);
+	for (int i = 0; i < natt; i++)
+		buf_add(&event, att[i]->data, att[i]->len);
+	char keep[16];
+	snprintf(keep, sizeof keep, "%d", opt.history);
+	const char *argv[4] = {s->nsp[slot].sid, event.p, opt.history ? data : "", keep};
+	size_t lens[4] = {strlen(argv[0]), event.len, opt.history ? data_len : 0, strlen(keep)};
+	struct redis_request *r = redis_request_new(R_MSG, 4, argv, lens);
+	buf_free(&event);
+	r->session = s->index;
+	r->gen = s->gen;
+	if (ack.n > 0) {
+		r->ack = xstrndup(ack.p, ack.n);
+		r->ack_len = ack.n;
+	}
+	redis_submit(r);
+}
+
+/* ---- what comes back: replies ---- */
+
+/* The session a reply is for, if it is still the one that asked. room_lock held. */
+static struct session *redis_asker(const struct redis_request *r)
+{
+	if (r->session < 0)
+		return NULL;
+	struct session *s = &sessions[r->session];
+	return s->gen == r->gen && s->state == S_OPEN ? s : NULL;
+}
+
+/* The history event of a login's reply (items newest first), at most queue_limit / 4
+ * bytes of the newest, as history_add keeps them on one server. */
+static struct blob *redis_history_event(const redisReply *reply)
+{
+	size_t limit = opt.queue_limit / 4, bytes = 0;
+	size_t n = 0;
+	while (2 + n < reply->elements && reply->element[2 + n]->type == REDIS_REPLY_STRING &&
+	       bytes + reply->element[2 + n]->len <= limit && (int)n < opt.history)
+		bytes += reply->element[2 + n++]->len;
+	struct buf b = {0};
+	sio_head(&b, SIO_EVENT, span_of("/"), 0, NO_ACK);
+	buf_adds(&b, "[\"history\",[");
+	for (size_t i = n; i-- > 0;) {
+		buf_add(&b, reply->element[2 + i]->str, reply->element[2 + i]->len);
+		if (i)
+			buf_addc(&b, ',');
+	}
+	buf_adds(&b, "]]");
+	return blob_from_buf(&b);
+}
+
+static long long reply_integer(const redisReply *r)
+{
+	if (r->type == REDIS_REPLY_INTEGER)
+		return r->integer;
+	if (r->type == REDIS_REPLY_STRING)
+		return strtoll(r->str, NULL, 10);
+	return -2;
+}
+
+static void chat_admitted(struct session *s, int slot, const char *nick, struct blob *history);
+static void chat_refused(struct session *s, int slot, const char *why);
+static int chat_asking_slot(const struct session *s);
+
+/* A login's reply. The client gets its CONNECT answer now; its login comes with the
+ * room's events. If it left meanwhile, its login is undone. room_lock held. */
+static void redis_login_answered(struct redis_request *r, const redisReply *reply)
+{
+	struct session *s = redis_asker(r);
+	int slot = s ? chat_asking_slot(s) : -1;
+	bool ours = slot >= 0 && strcmp(s->nsp[slot].sid, r->sid) == 0;
+	const redisReply *first = reply->type == REDIS_REPLY_ARRAY && reply->elements > 0
+	                        ? reply->element[0] : NULL;
+	const char *no = first && first->type == REDIS_REPLY_STRING ? first->str : NULL;
+	if (first && first->type == REDIS_REPLY_INTEGER && reply->elements >= 2 &&
+	    reply->element[1]->type == REDIS_REPLY_STRING) {
+		if (ours)
+			chat_admitted(s, slot, reply->element[1]->str, opt.history ? redis_history_event(reply) : NULL);
+		else
+			redis_ask_logout(r->sid);
+	} else if (!ours) {
+		/* nothing to undo */
+	} else if (no && strcmp(no, "taken") == 0) {
+		redis_ask_login(s, slot); /* every name offered was taken: offer others */
+	} else if (no && strcmp(no, "full") == 0) {
+		chat_refused(s, slot, "room is full");
+	} else {
+		chat_refused(s, slot, "room unavailable");
+	}
+}
+
+/* A reply: what it answers is the oldest request in flight. room_lock held. */
+static void redis_answered(struct redis_request *r, const redisReply *reply)
+{
+	switch (r->kind) {
+	case R_LOGIN:
+		redis_login_answered(r, reply);
+		break;
+	case R_MSG: {
+		struct session *s = redis_asker(r);
+		if (s && r->ack && reply_integer(reply) > 0)
+			sio_send(s, SIO_ACK, span_of("/"), (struct json_span){r->ack, r->ack_len}, "[]", 2);
+		break;
+	}
+	case R_BEAT:
+		if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 1 &&
+		    reply_integer(reply->element[0]) == 0)
+			redis.reaped = true;
+		break;
+	default:
+		break;
+	}
+}
+
+/* ---- what comes back: the room's events ---- */
+
+static void chat_event_login(const char *sid, const char *nick);
+static void chat_event_logout(const char *sid);
+static void chat_event_msg(struct blob *msg, struct blob *const *att, int natt);
+
+/* Parses "M seq natt len lens...\n" and the bytes after; false if malformed. */
+static bool redis_msg_event(const char *p, size_t n)
+{
+	const char *end = p + n, *nl = memchr(p, '\n', n);
+	if (!nl)
+		return false;
+	char head[512];
+	size_t hl = (size_t)(nl - p);
+	if (hl >= sizeof head)
+		return false;
+	memcpy(head, p, hl);
+	head[hl] = 0;
+	char *q = head, *next;
+	unsigned long long seq = strtoull(q + 2, &next, 10); /* after "M " */
+	(void)seq;
+	long natt = strtol(next, &q, 10);
+	if (natt < 0 || natt > 10)
+		return false;
+	size_t lens[11];
+	size_t total = 0;
+	for (long i = 0; i <= natt; i++) {
+		unsigned long long v = strtoull(q, &next, 10);
+		if (next == q || v > (size_t)(end - nl))
+			return false;
+		lens[i] = (size_t)v;
+		total += lens[i];
+		q = next;
+	}
+	const char *data = nl + 1;
+	if (total != (size_t)(end - data))
+		return false;
+	struct blob *msg = blob_of(data, lens[0]);
+	struct blob *att[10] = {0};
+	data += lens[0];
+	for (long i = 0; i < natt; i++) {
+		att[i] = blob_of(data, lens[i + 1]);
+		data += lens[i + 1];
+	}
+	chat_event_msg(msg, att, (int)natt);
+	blob_unref(msg);
+	for (long i = 0; i < natt; i++)
+		blob_unref(att[i]);
+	return true;
+}
+
+enum redis_event_result { EV_DONE, EV_GAP, EV_WAIT_REPLY };
+
+static struct session *chat_joining(const char *sid);
+
+/*
+ * One event from the channel, in the room's order. A newcomer of ours whose login reply
+ * has not been read yet makes us read it first (EV_WAIT_REPLY): its CONNECT answer must
+ * come before its login. room_lock held.
+ */
+static enum redis_event_result redis_event(const char *p, size_t n)
+{
+	if (n < 4 || p[1] != ' ')
+		return EV_GAP;
+	unsigned long long seq = strtoull(p + 2, NULL, 10);
+	if (seq <= redis.seq)
+		return EV_DONE; /* in the snapshot we started from */
+	if (seq != redis.seq + 1)
+		return EV_GAP;
+	const char *sp = memchr(p + 2, ' ', n - 2);
+	const char *sid = sp ? sp + 1 : NULL;
+	size_t rest = sid ? n - (size_t)(sid - p) : 0;
+	char who[SID_LEN + 1];
+	if (p[0] == 'L' || p[0] == 'O') {
+		const char *sid_end = p[0] == 'L' ? memchr(sid, ' ', rest) : sid + rest;
+		if (!sid || !sid_end || sid_end - sid != SID_LEN)
+			return EV_GAP;
+		memcpy(who, sid, SID_LEN);
+		who[SID_LEN] = 0;
+		if (p[0] == 'L') {
+			struct session *s = chat_joining(who);
+			if (s && s->join == JOIN_ASKED)
+				return EV_WAIT_REPLY;
+			char *nick = xstrndup(sid_end + 1, (size_t)(p + n - sid_end - 1));
+			chat_event_login(who, nick);
+			free(nick);
+		} else {
+			chat_event_logout(who);
+		}
+	} else if (p[0] == 'M') {
+		if (!redis_msg_event(p, n))
+			return EV_GAP;
+	} else {
+		return EV_GAP;
+	}
+	redis.seq = seq;
+	return EV_DONE;
+}
+
+/* ---- the connections ---- */
+
+static void redis_close(void)
+{
+	if (redis.cmd)
+		redisFree(redis.cmd);
+	if (redis.sub)
+		redisFree(redis.sub);
+	redis.cmd = redis.sub = NULL;
+}
+
+static redisContext *redis_connect_one(void)
+{
+	struct timeval tv = {2, 0};
+	redisContext *c = redisConnectWithTimeout(opt.redis_host, opt.redis_port, tv);
+	if (!c || c->err) {
+		if (c)
+			redisFree(c);
+		return NULL;
+	}
+	redisSetTimeout(c, tv);
+	if (opt.redis_db) {
+		redisReply *r = redisCommand(c, "SELECT %d", opt.redis_db);
+		bool ok = r && r->type == REDIS_REPLY_STATUS;
+		if (r)
+			freeReplyObject(r);
+		if (!ok) {
+			redisFree(c);
+			return NULL;
+		}
+	}
+	return c;
+}
+
+/* From now on the Redis thread reads and writes without waiting. */
+static void redis_nonblocking(redisContext *c)
+{
+	fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
+	c->flags &= ~REDIS_BLOCK;
+}
+
+static void chat_room_reset(const redisReply *snapshot);
+
+/*
+ * Connects, subscribes, loads the scripts, and registers as a new server, taking the
+ * room as it is then; events after it come on the channel. Returns false if Redis is not
+ * there (or not a Redis that runs scripts).
+ */
+static bool redis_connect(void)
+{
+	redis.sub = redis_connect_one();
+	redis.cmd = redis.sub ? redis_connect_one() : NULL;
+	if (!redis.cmd)
+		goto fail;
+	redisReply *r = redisCommand(redis.sub, "SUBSCRIBE %s", redis.keys[6]);
+	bool ok = r && r->type == REDIS_REPLY_ARRAY;
+	if (r)
+		freeReplyObject(r);
+	for (int i = 0; ok && i < 5; i++) {
+		r = redisCommand(redis.cmd, "SCRIPT LOAD %s", redis_script_text[i]);
+		ok = r && r->type == REDIS_REPLY_STRING && r->len == 40;
+		if (ok)
+			memcpy(redis.sha[i], r->str, 41);
+		if (r)
+			freeReplyObject(r);
+	}
+	if (!ok)
+		goto fail;
+	make_sid(redis.id);
+	char alive[16];
+	snprintf(alive, sizeof alive, "%d", REDIS_ALIVE_MS);
+	r = redisCommand(redis.cmd, "EVALSHA %s 7 %s %s %s %s %s %s %s %s %s %s 1", redis.sha[R_BEAT],
+	                 redis.keys[0], redis.keys[1], redis.keys[2], redis.keys[3], redis.keys[4],
+	                 redis.keys[5], redis.keys[6], redis.id, redis.prefix, alive);
+	ok = r && r->type == REDIS_REPLY_ARRAY && r->elements % 2 == 1;
+	if (ok) {
+		redis_nonblocking(redis.cmd);
+		redis_nonblocking(redis.sub);
+		room_lock_acquire();
+		chat_room_reset(r);
+		redis.up = true;
+		room_unlock();
+		log_line("redis %s:%d: in the room \"%s\" as server %s", opt.redis_host, opt.redis_port,
+		         opt.room, redis.id);
+	}
+	if (r)
+		freeReplyObject(r);
+	if (ok)
+		return true;
+fail:
+	redis_close();
+	return false;
+}
+
+static void redis_flight_add(struct redis_request *r)
+{
+	r->next = NULL;
+	if (redis.flight_last)
+		redis.flight_last->next = r;
+	else
+		redis.flight = r;
+	redis.flight_last = r;
+	redis.flight_bytes += r->len;
+}
+
+static struct redis_request *redis_flight_pop(void)
+{
+	struct redis_request *r = redis.flight;
+	if (r) {
+		redis.flight = r->next;
+		if (!redis.flight)
+			redis.flight_last = NULL;
+		redis.flight_bytes -= r->len;
+	}
+	return r;
+}
+
+/* Hands what was queued to hiredis, in order. False if Redis is too far behind. */
+static bool redis_take_queue(void)
+{
+	room_lock_acquire();
+	struct redis_request *r = redis.queue;
+	bool behind = redis.queued_bytes > REDIS_BACKLOG;
+	redis.queue = redis.queue_last = NULL;
+	redis.queued_bytes = 0;
+	room_unlock();
+	while (r) {
+		struct redis_request *next = r->next;
+		if (!behind && redisAppendFormattedCommand(redis.cmd, r->cmd, r->len) == REDIS_OK) {
+			redis_flight_add(r);
+		} else {
+			behind = true;
+			redis_request_free(r);
+		}
+		r = next;
+	}
+	return !behind && redis.flight_bytes <= REDIS_BACKLOG;
+}
+
+/* Applies the replies hiredis has read. False on an error reply from a script (a
+ * Redis that lost our scripts, say). */
+static bool redis_read_replies(void)
+{
+	void *reply;
+	while (redisReaderGetReply(redis.cmd->reader, &reply) == REDIS_OK && reply) {
+		struct redis_request *r = redis_flight_pop();
+		bool error = ((redisReply *)reply)->type == REDIS_REPLY_ERROR;
+		if (r && !error) {
+			room_lock_acquire();
+			redis_answered(r, reply);
+			room_unlock();
+		}
+		if (r)
+			redis_request_free(r);
+		freeReplyObject(reply);
+		if (error || !r)
+			return false;
+	}
+	return true;
+}
+
+/* Waits for the next replies (a newcomer's login reply, which is on its way). */
+static bool redis_wait_replies(void)
+{
+	struct pollfd pfd = {.fd = redis.cmd->fd, .events = POLLIN};
+	if (poll(&pfd, 1, REDIS_STALL_MS) <= 0)
+		return false;
+	return redisBufferRead(redis.cmd) == REDIS_OK && redis_read_replies();
+}
+
+/* Applies the events hiredis has read. False if the channel skipped one. */
+static bool redis_read_events(void)
+{
+	void *reply;
+	while (redisReaderGetReply(redis.sub->reader, &reply) == REDIS_OK && reply) {
+		redisReply *m = reply;
+		bool ok = true;
+		if (m->type == REDIS_REPLY_ARRAY && m->elements == 3 &&
+		    m->element[0]->type == REDIS_REPLY_STRING && strcmp(m->element[0]->str, "message") == 0 &&
+		    m->element[2]->type == REDIS_REPLY_STRING) {
+			for (;;) {
+				room_lock_acquire();
+				enum redis_event_result e = redis_event(m->element[2]->str, m->element[2]->len);
+				room_unlock();
+				if (e == EV_WAIT_REPLY && redis_wait_replies())
+					continue;
+				ok = e == EV_DONE;
+				break;
+			}
+		}
+		freeReplyObject(reply);
+		if (!ok)
+			return false;
+	}
+	return true;
+}
+
+static void redis_beat(void)
+{
+	char alive[16];
+	snprintf(alive, sizeof alive, "%d", REDIS_ALIVE_MS);
+	const char *argv[4] = {redis.id, redis.prefix, alive, "0"};
+	struct redis_request *r = redis_request_new(R_BEAT, 4, argv, NULL);
+	if (redisAppendFormattedCommand(redis.cmd, r->cmd, r->len) == REDIS_OK)
+		redis_flight_add(r);
+	else
+		redis_request_free(r);
+}
+
+/* Serves the room while Redis is there; returns when it is not (or we stop). */
+static void redis_serve(void)
+{
+	int64_t next_beat = now_ms() + REDIS_BEAT_MS;
+	while (!stopping) {
+		int64_t now = now_ms();
+		if (now >= next_beat) {
+			redis_beat();
+			next_beat = now + REDIS_BEAT_MS;
+		}
+		if (!redis_take_queue())
+			return; /* too far behind */
+		if (redis.flight && now - redis.flight->at > REDIS_STALL_MS)
+			return; /* no answer */
+		int done = 0;
+		if (redis.cmd->obuf && sdslen(redis.cmd->obuf) > 0 &&
+		    redisBufferWrite(redis.cmd, &done) != REDIS_OK)
+			return;
+		struct pollfd pfd[3] = {
+			{.fd = redis.cmd->fd, .events = POLLIN | (sdslen(redis.cmd->obuf) ? POLLOUT : 0)},
+			{.fd = redis.sub->fd, .events = POLLIN},
+			{.fd = redis.evfd, .events = POLLIN},
+		};
+		int wait = (int)(next_beat - now);
+		if (poll(pfd, 3, wait < 0 ? 0 : wait) < 0 && errno != EINTR)
+			return;
+		if (pfd[2].revents & POLLIN) {
+			uint64_t count;
+			ssize_t rd = read(redis.evfd, &count, sizeof count);
+			(void)rd;
+		}
+		if ((pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) &&
+		    (redisBufferRead(redis.cmd) != REDIS_OK || !redis_read_replies()))
+			return;
+		if ((pfd[1].revents & (POLLIN | POLLHUP | POLLERR)) &&
+		    (redisBufferRead(redis.sub) != REDIS_OK || !redis_read_events()))
+			return;
+		room_lock_acquire();
+		bool reaped = redis.reaped;
+		room_unlock();
+		if (reaped) /* we were taken for dead: our members are out of the room */
+			return;
+	}
+}
+
+static void chat_room_lost(void);
+static void chat_waiting_admit(bool up);
+
+/* Redis is gone (or we stop): our members leave with it; requests in flight are lost
+ * (nobody was told they succeeded). */
+static void redis_lost(void)
+{
+	room_lock_acquire();
+	bool was_up = redis.up;
+	redis.up = false;
+	redis.reaped = false;
+	while (redis.queue) {
+		struct redis_request *r = redis.queue;
+		redis.queue = r->next;
+		redis_request_free(r);
+	}
+	redis.queue_last = NULL;
+	redis.queued_bytes = 0;
+	if (was_up)
+		chat_room_lost();
+	room_unlock();
+	struct redis_request *r;
+	while ((r = redis_flight_pop()))
+		redis_request_free(r);
+	redis_close();
+	if (was_up && !stopping)
+		log_line("redis %s:%d: lost; our clients are disconnected until it is back",
+		         opt.redis_host, opt.redis_port);
+}
+
+/* At shutdown, if Redis is there: our members leave the room at once, for everyone. */
+static void redis_goodbye(void)
+{
+	if (!redis.cmd)
+		return;
+	redisContext *c = redis_connect_one(); /* the pipelined one may be full of requests */
+	if (!c)
+		return;
+	redisReply *r = redisCommand(c, "EVALSHA %s 7 %s %s %s %s %s %s %s %s %s", redis.sha[R_GOODBYE],
+	                             redis.keys[0], redis.keys[1], redis.keys[2], redis.keys[3],
+	                             redis.keys[4], redis.keys[5], redis.keys[6], redis.id, redis.prefix);
+	if (r)
+		freeReplyObject(r);
+	redisFree(c);
+}
+
+static void *redis_main(void *arg)
+{
+	(void)arg;
+	int64_t backoff = 100;
+	while (!stopping) {
+		if (redis_connect()) {
+			backoff = 100;
+			room_lock_acquire();
+			chat_waiting_admit(true);
+			room_unlock();
+			redis_serve();
+			if (stopping)
+				redis_goodbye();
+			redis_lost();
+			continue;
+		}
+		/* until the next try, CONNECTs that waited too long for Redis are refused */
+		for (int64_t until = now_ms() + backoff; !stopping && now_ms() < until;) {
+			room_lock_acquire();
+			chat_waiting_admit(false);
+			room_unlock();
+			int64_t left = until - now_ms();
+			struct pollfd pfd = {.fd = redis.evfd, .events = POLLIN};
+			poll(&pfd, 1, left > 200 ? 200 : left < 0 ? 0 : (int)left);
+			if (pfd.revents & POLLIN) {
+				uint64_t count;
+				ssize_t rd = read(redis.evfd, &count, sizeof count);
+				(void)rd;
+			}
+		}
+		backoff = backoff * 2 > REDIS_BACKOFF_MAX_MS ? REDIS_BACKOFF_MAX_MS : backoff * 2;
+	}
+	return NULL;
+}
+
+static void redis_start(void)
+{
+	if (!opt.redis_host)
+		return;
+	strmap_init(&newcomers, MAX_SESSIONS);
+	snprintf(redis.prefix, sizeof redis.prefix, "%s:", opt.room);
+	static const char *const names[7] = {"seq", "order", "nick", "names", "history", "servers",
+	                                     "events"};
+	for (int i = 0; i < 7; i++)
+		snprintf(redis.keys[i], sizeof redis.keys[i], "%s%s", redis.prefix, names[i]);
+	redis.evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (redis.evfd < 0 || pthread_create(&redis.thread, NULL, redis_main, NULL) != 0) {
+		fprintf(stderr, "chatroom: cannot start the Redis thread: %s\n", strerror(errno));
+		exit(1);
+	}
+}
+
+/* After stopping is set: the thread says goodbye to the room (if Redis is there) and ends. */
+static void redis_stop(void)
+{
+	if (!opt.redis_host)
+		return;
+	redis_wake();
+	pthread_join(redis.thread, NULL);
+}
+
+/* ---- the chat's side ---- */
+/*
+ * With --redis a CONNECT to the room is answered when Redis has taken the login (the
+ * nickname is unique in the whole room then); the login itself, and every logout and
+ * message, is delivered here when it comes back from Redis. `newcomers` maps the sids of
+ * our CONNECTs that Redis is working on to their sessions. room_lock held throughout.
+ */
+
+static bool redis_is_up(void) { return redis.up; }
+
+static void chat_ask(struct session *s, int slot)
+{
+	s->join = JOIN_ASKED;
+	redis_ask_login(s, slot);
+}
+
+static bool chat_admit_later(struct session *s, int slot, const json_t *auth)
+{
+	if (!opt.redis_host)
+		return false;
+	const json_t *presence = json_object_get(auth, "presence");
+	s->delta = json_is_string(presence) && strcmp(json_string_value(presence), "delta") == 0;
+	s->join = JOIN_WAITING;
+	s->asked_at = now_ms();
+	strmap_put(&newcomers, s->nsp[slot].sid, s->index);
+	if (redis.up)
+		chat_ask(s, slot);
+	return true;
+}
+
+static int chat_asking_slot(const struct session *s)
+{
+	int slot = sio_slot(span_of("/"));
+	return slot >= 0 && s->nsp[slot].asking ? slot : -1;
+}
+
+static struct session *chat_joining(const char *sid)
+{
+	int i = strmap_get(&newcomers, sid);
+	return i >= 0 ? &sessions[i] : NULL;
+}
+
+static void chat_admitted(struct session *s, int slot, const char *nick, struct blob *history)
+{
+	s->nick = xstrndup(nick, strlen(nick));
+	s->history_ready = history;
+	s->join = JOIN_ANSWERED;
+	sio_admitted(s, slot);
+}
+
+static void chat_refused(struct session *s, int slot, const char *why)
+{
+	strmap_del(&newcomers, s->nsp[slot].sid);
+	s->join = JOIN_NONE;
+	sio_refused(s, slot, why);
+}
+
+/* CONNECTs that wait for Redis: asked for when it is back, refused when they waited too
+ * long. */
+static void chat_waiting_admit(bool up)
+{
+	int64_t now = now_ms();
+	for (int i = 0; i < slots_high; i++) {
+		struct session *s = &sessions[i];
+		int slot = s->state == S_OPEN && s->join == JOIN_WAITING ? chat_asking_slot(s) : -1;
+		if (slot < 0)
+			continue;
+		if (up)
+			chat_ask(s, slot);
+		else if (now - s->asked_at > REDIS_JOIN_WAIT_MS)
+			chat_refused(s, slot, "room unavailable");
+	}
+}
+
+/* Someone joined, here or on another server. */
+static void chat_event_login(const char *sid, const char *nick)
+{
+	struct session *s = chat_joining(sid);
+	if (s && (s->state != S_OPEN || s->join != JOIN_ANSWERED))
+		s = NULL;
+	roster_add(sid, nick, s ? s->index : -1);
+	if (s) {
+		strmap_del(&newcomers, sid);
+		s->join = JOIN_IN;
+		room.members[room.count++] = s->index;
+		if (s->recover)
+			room.recoverable[s->delta]++;
+		if (!opt.quiet)
+			log_line("join  %s (sid %s)", nick, sid);
+	}
+	room_announce("login", nick, sid, s);
+	if (s) {
+		s->joined_seq = recent.seq;
+		if (s->history_ready)
+			session_send(s, s->history_ready, false);
+		blob_unref(s->history_ready);
+		s->history_ready = NULL;
+	}
+}
+
+/* A member of ours is out of the room without having asked (its server, this one, was
+ * taken for dead, or Redis went away): its client is disconnected, to come back. */
+static void chat_cut(struct session *s, const char *why)
+{
+	for (int i = 0; i < room.count; i++)
+		if (room.members[i] == s->index) {
+			memmove(&room.members[i], &room.members[i + 1],
+			        (size_t)(room.count - i - 1) * sizeof(int));
+			room.count--;
+			if (s->recover)
+				room.recoverable[s->delta]--;
+			break;
+		}
+	if (!opt.quiet && s->nick && s->join == JOIN_IN)
+		log_line("leave %s (sid %s): %s", s->nick, s->nsp[sio_slot(span_of("/"))].sid, why);
+	s->join = JOIN_NONE;
+	s->rejoin = true;
+	if (s->state == S_OPEN)
+		session_doom(s, why);
+	else if (s->state == S_DETACHED)
+		session_end(s);
+}
+
+/* Someone left, here or elsewhere. */
+static void chat_event_logout(const char *sid)
+{
+	int r = roster_find(sid);
+	if (r < 0)
+		return;
+	if (roster.e[r].session >= 0) /* ours, and it did not ask: reaped */
+		chat_cut(&sessions[roster.e[r].session], "room unavailable");
+	char *nick = xstrndup(roster.e[r].nick, strlen(roster.e[r].nick));
+	roster_remove(r);
+	if (!stopping)
+		room_announce("logout", nick, sid, NULL);
+	free(nick);
+	while (!recording() && recent.count)
+		recent_drop_oldest();
+}
+
+static void chat_event_msg(struct blob *msg, struct blob *const *att, int natt)
+{
+	room_broadcast(msg, att, natt);
+}
+
+/* One of ours leaves: Redis is told; the room hears it when Redis says so. */
+static void chat_leave_redis(struct session *s, int slot, const char *reason)
+{
+	const char *sid = s->nsp[slot].sid;
+	if (chat_joining(sid) == s)
+		strmap_del(&newcomers, sid);
+	if (s->join == JOIN_IN) {
+		for (int i = 0; i < room.count; i++)
+			if (room.members[i] == s->index) {
+				memmove(&room.members[i], &room.members[i + 1],
+				        (size_t)(room.count - i - 1) * sizeof(int));
+				room.count--;
+				if (s->recover)
+					room.recoverable[s->delta]--;
+				break;
+			}
+		int r = roster_find(sid);
+		if (r >= 0)
+			roster.e[r].session = -1;
+		if (!opt.quiet)
+			log_line("leave %s (sid %s): %s", s->nick, sid, reason ? reason : "");
+		redis_ask_logout(sid);
+	} else if (s->join == JOIN_ANSWERED) {
+		redis_ask_logout(sid); /* Redis has its login, which is not back yet */
+	}
+	/* JOIN_ASKED: the login's reply finds it gone and undoes it */
+	s->join = JOIN_NONE;
+	blob_unref(s->history_ready);
+	s->history_ready = NULL;
+	free(s->nick);
+	s->nick = NULL;
+}
+
+/* Registered anew: the room as Redis has it. */
+static void chat_room_reset(const redisReply *snapshot)
+{
+	while (roster.count)
+		roster_remove(roster.count - 1);
+	redis.seq = strtoull(snapshot->element[0]->type == REDIS_REPLY_STRING
+	                     ? snapshot->element[0]->str : "0", NULL, 10);
+	for (size_t i = 1; i + 1 < snapshot->elements; i += 2) {
+		const redisReply *sid = snapshot->element[i], *nick = snapshot->element[i + 1];
+		if (sid->type == REDIS_REPLY_STRING && sid->len == SID_LEN &&
+		    nick->type == REDIS_REPLY_STRING)
+			roster_add(sid->str, nick->str, -1);
+	}
+}
+
+/* Redis is gone: so is the room, for everyone here. */
+static void chat_room_lost(void)
+{
+	while (room.count)
+		chat_cut(member(room.count - 1), "room unavailable");
+	while (roster.count)
+		roster_remove(roster.count - 1);
+	while (recent.count)
+		recent_drop_oldest();
+	for (int i = 0; i < slots_high; i++) {
+		struct session *s = &sessions[i];
+		int slot = s->state == S_OPEN ? chat_asking_slot(s) : -1;
+		if (s->state == S_OPEN && s->join == JOIN_ANSWERED) {
+			strmap_del(&newcomers, s->nsp[sio_slot(span_of("/"))].sid);
+			chat_cut(s, "room unavailable");
+		} else if (slot >= 0 && s->join == JOIN_ASKED && s->eio == 3) {
+			strmap_del(&newcomers, s->nsp[slot].sid); /* its sid is its Engine.IO sid: */
+			chat_cut(s, "room unavailable");          /* it must come back anew */
+		} else if (slot >= 0 && s->join == JOIN_ASKED) {
+			/* its request is lost: it asks again when Redis is back, under a new sid (the
+			 * lost one may yet be in Redis, to be reaped with our old server id) */
+			strmap_del(&newcomers, s->nsp[slot].sid);
+			sio_make_sid(s, slot);
+			strmap_put(&newcomers, s->nsp[slot].sid, s->index);
+			s->join = JOIN_WAITING;
+		}
+	}
+}
 
 /* ==================================== metrics ==================================== */
 /*
@@ -6668,6 +7853,8 @@ static void metrics_write(struct buf *b)
 		queued += sessions[i].qbytes;
 	}
 	members = room.count;
+	int everyone = roster.count;
+	bool redis_up = redis_is_up();
 	opened = counted.sessions;
 	messages = counted.messages;
 	deliveries = counted.deliveries;
@@ -6677,8 +7864,14 @@ static void metrics_write(struct buf *b)
 	metric(b, "chatroom_clients", "gauge", "Clients connected, by the transport that carries them.");
 	buf_printf(b, "chatroom_clients{transport=\"websocket\"} %d\n", by_transport[WEBSOCKET]);
 	buf_printf(b, "chatroom_clients{transport=\"polling\"} %d\n", by_transport[POLLING]);
-	metric(b, "chatroom_room_members", "gauge", "Clients in the chat room.");
+	metric(b, "chatroom_room_members", "gauge", "Clients of this server in the chat room.");
 	buf_printf(b, "chatroom_room_members %d\n", members);
+	if (opt.redis_host) {
+		metric(b, "chatroom_room_everyone", "gauge", "Clients in the chat room, on every server.");
+		buf_printf(b, "chatroom_room_everyone %d\n", everyone);
+		metric(b, "chatroom_redis_up", "gauge", "1 while Redis is there and this server is in the room.");
+		buf_printf(b, "chatroom_redis_up %d\n", redis_up);
+	}
 	metric(b, "chatroom_connections_total", "counter", "Engine.IO sessions opened.");
 	buf_printf(b, "chatroom_connections_total %llu\n", (unsigned long long)opened);
 	metric(b, "chatroom_messages_total", "counter", "Socket.IO events received from clients.");
@@ -6739,6 +7932,11 @@ static int serve_health(struct mg_connection *c)
 {
 	if (stopping)
 		return http_reply(c, 503, "text/plain", NULL, "stopping\n", 9);
+	room_lock_acquire();
+	bool room_away = opt.redis_host && !redis_is_up();
+	room_unlock();
+	if (room_away)
+		return http_reply(c, 503, "text/plain", NULL, "room unavailable: no Redis\n", 27);
 	return http_reply(c, 200, "text/plain", NULL, "ok\n", 3);
 }
 
@@ -7342,6 +8540,7 @@ static void server_start(void)
 	rng_state = seed | 1;
 	sessions_init();
 	page_build();
+	redis_start(); /* (CONNECTs to the room wait until it is in) */
 
 	wire_epfd = epoll_create1(EPOLL_CLOEXEC);
 	wire.evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -7427,6 +8626,7 @@ static void server_stop(void)
 		if (sessions[i].state == S_OPEN)
 			session_doom(&sessions[i], "server shutting down");
 	room_unlock();
+	redis_stop(); /* our members leave the room everywhere at once */
 	wire_wake();
 	pthread_join(wire.thread, NULL);
 	mg_stop(http_ctx);

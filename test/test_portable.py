@@ -105,7 +105,8 @@ def test_make_install(tmp_path):
     assert "ExecStart=/usr/local/bin/chatroom" in unit and "DynamicUser=yes" in unit
 
 
-STUDENT_BUILD = ["cc", "-O2", "-o", "chatroom", "chatroom.c", "-lcivetweb", "-ljansson", "-lpthread"]
+STUDENT_BUILD = ["cc", "-O2", "-o", "chatroom", "chatroom.c", "-lcivetweb", "-ljansson", "-lhiredis",
+                 "-lpthread"]
 
 
 def test_student_build_against_debian_packages(tmp_path):

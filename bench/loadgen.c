@@ -19,7 +19,9 @@
  * was not the bottleneck. --pad adds bytes to every message, so that a stalled client's
  * queue fills in seconds rather than hours. Clients come from many loopback addresses,
  * --per-address of them from each of 127.1.x.y, as clients from many hosts would (a
- * server counts what each address may hold). The result is one line of JSON.
+ * server counts what each address may hold). --port2 sends every other client to a second
+ * server (--server-pid may then be given for each, and for Redis: their CPU and memory
+ * are added up). The result is one line of JSON.
  *
  * libc only: cc -O2 -o loadgen loadgen.c
  */
@@ -50,13 +52,15 @@ static struct {
 	double rate, seconds, warmup;
 	const char *scenario;
 	bool delta;
-	int server_pid;
+	int server_pid[4]; /* --server-pid, up to 4 times: their CPU and memory add up */
+	int nserver_pids;
+	int port2;         /* --port2: every other client connects there (a second server) */
 	int ramp; /* connections being set up at once */
 	int pad;  /* extra bytes in each message */
 	int per_address; /* clients from one source address */
 	bool polling;    /* --transport polling */
-} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, 0, 500, 0, 50,
-         false};
+} opt = {"127.0.0.1", 5000, "/socket.io/", 100, 10, 0, 100, 10, 2, "fanout", false, {0}, 0, 0,
+         500, 0, 50, false};
 
 static int64_t now_ns(void)
 {
@@ -260,7 +264,8 @@ static bool open_link(struct client *c, struct link *l)
 	                           .sin_addr.s_addr = htonl(0x7F010000u | (source & 0xFFFF))};
 	if (strncmp(opt.host, "127.", 4) == 0 && bind(l->fd, (struct sockaddr *)&from, sizeof from) < 0)
 		die("bind to a loopback source address");
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.port)};
+	int port = opt.port2 && (c - clients) % 2 ? opt.port2 : opt.port;
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
 	inet_pton(AF_INET, opt.host, &a.sin_addr);
 	struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = tag(c, l)};
 	epoll_ctl(epfd, EPOLL_CTL_ADD, l->fd, &ev);
@@ -670,6 +675,23 @@ static long proc_rss_kib(int pid)
 	return kib;
 }
 
+/* The servers' (and Redis's) CPU seconds and resident memory, added up. */
+static double servers_cpu_seconds(void)
+{
+	double sum = 0;
+	for (int i = 0; i < opt.nserver_pids; i++)
+		sum += proc_cpu_seconds(opt.server_pid[i]);
+	return sum;
+}
+
+static long servers_rss_kib(void)
+{
+	long sum = 0;
+	for (int i = 0; i < opt.nserver_pids; i++)
+		sum += proc_rss_kib(opt.server_pid[i]);
+	return sum;
+}
+
 static double self_cpu_seconds(void)
 {
 	struct rusage ru;
@@ -749,8 +771,8 @@ static void send_tick(int64_t now)
 static int64_t last_rss_sample;
 static void sample_tick(int64_t now)
 {
-	if (opt.server_pid && now - last_rss_sample > 500000000) {
-		long rss = proc_rss_kib(opt.server_pid);
+	if (opt.nserver_pids && now - last_rss_sample > 500000000) {
+		long rss = servers_rss_kib();
 		if (rss > server_rss_max)
 			server_rss_max = rss;
 		last_rss_sample = now;
@@ -770,7 +792,8 @@ static void usage(void)
 	        "               [--scenario join|fanout|hold] [--senders S] [--rate R]\n"
 	        "               [--seconds T] [--warmup W] [--delta] [--stall K]\n"
 	        "               [--server-pid PID] [--ramp N] [--pad BYTES]\n"
-	        "               [--per-address N] [--transport websocket|polling]\n");
+	        "               [--per-address N] [--transport websocket|polling]\n"
+	        "               [--port2 P] (every other client connects to P)\n");
 	exit(2);
 }
 
@@ -781,7 +804,7 @@ int main(int argc, char **argv)
 		{"scenario", 1, 0, 's'}, {"senders", 1, 0, 'S'}, {"rate", 1, 0, 'r'},
 		{"seconds", 1, 0, 't'}, {"warmup", 1, 0, 'w'}, {"delta", 0, 0, 'd'},
 		{"stall", 1, 0, 'k'}, {"server-pid", 1, 0, 'x'}, {"ramp", 1, 0, 'R'}, {"pad", 1, 0, 'z'},
-		{"per-address", 1, 0, 'a'}, {"transport", 1, 0, 'T'}, {0, 0, 0, 0}};
+		{"per-address", 1, 0, 'a'}, {"transport", 1, 0, 'T'}, {"port2", 1, 0, 'q'}, {0, 0, 0, 0}};
 	int ch;
 	while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (ch) {
@@ -796,7 +819,11 @@ int main(int argc, char **argv)
 		case 'w': opt.warmup = atof(optarg); break;
 		case 'd': opt.delta = true; break;
 		case 'k': opt.stall = atoi(optarg); break;
-		case 'x': opt.server_pid = atoi(optarg); break;
+		case 'x':
+			if (opt.nserver_pids < 4)
+				opt.server_pid[opt.nserver_pids++] = atoi(optarg);
+			break;
+		case 'q': opt.port2 = atoi(optarg); break;
 		case 'R': opt.ramp = atoi(optarg); break;
 		case 'z': opt.pad = atoi(optarg); break;
 		case 'a': opt.per_address = atoi(optarg); break;
@@ -826,8 +853,8 @@ int main(int argc, char **argv)
 	for (int i = 0; i < opt.stall; i++)
 		clients[i].stalled = true;
 
-	double server_cpu0 = opt.server_pid ? proc_cpu_seconds(opt.server_pid) : 0;
-	long server_rss0 = opt.server_pid ? proc_rss_kib(opt.server_pid) : 0;
+	double server_cpu0 = servers_cpu_seconds();
+	long server_rss0 = servers_rss_kib();
 	double self_cpu0 = self_cpu_seconds();
 
 	/* everyone joins */
@@ -839,9 +866,9 @@ int main(int argc, char **argv)
 	start_more();
 	run_until(storm_start + (int64_t)120e9, all_settled, sample_tick);
 	double storm_seconds = (double)((storm_end ? storm_end : now_ns()) - storm_start) / 1e9;
-	double server_cpu_joined = opt.server_pid ? proc_cpu_seconds(opt.server_pid) : 0;
+	double server_cpu_joined = servers_cpu_seconds();
 	double self_cpu_joined = self_cpu_seconds();
-	long server_rss_joined = opt.server_pid ? proc_rss_kib(opt.server_pid) : 0;
+	long server_rss_joined = servers_rss_kib();
 
 	double cpu_measured = 0, self_measured = 0;
 	long dead_before = dead_count;
@@ -850,15 +877,15 @@ int main(int argc, char **argv)
 		measure_from = send_start + (int64_t)(opt.warmup * 1e9);
 		measure_to = measure_from + (int64_t)(opt.seconds * 1e9);
 		run_until(measure_from, NULL, fanout_tick);
-		double c0 = opt.server_pid ? proc_cpu_seconds(opt.server_pid) : 0, s0 = self_cpu_seconds();
+		double c0 = servers_cpu_seconds(), s0 = self_cpu_seconds();
 		run_until(measure_to, NULL, fanout_tick);
-		cpu_measured = (opt.server_pid ? proc_cpu_seconds(opt.server_pid) : 0) - c0;
+		cpu_measured = (servers_cpu_seconds()) - c0;
 		self_measured = self_cpu_seconds() - s0;
 		run_until(measure_to + (int64_t)1e9, NULL, sample_tick); /* the last ones arrive */
 	} else if (strcmp(opt.scenario, "hold") == 0) {
-		double c0 = opt.server_pid ? proc_cpu_seconds(opt.server_pid) : 0, s0 = self_cpu_seconds();
+		double c0 = servers_cpu_seconds(), s0 = self_cpu_seconds();
 		run_until(now_ns() + (int64_t)(opt.seconds * 1e9), NULL, sample_tick);
-		cpu_measured = (opt.server_pid ? proc_cpu_seconds(opt.server_pid) : 0) - c0;
+		cpu_measured = (servers_cpu_seconds()) - c0;
 		self_measured = self_cpu_seconds() - s0;
 	}
 
@@ -880,7 +907,7 @@ int main(int argc, char **argv)
 	       expected, received_measured, received_in_window, dead_count - dead_before, alive, pings_total, pct(0.5),
 	       pct(0.9), pct(0.99), nlat ? lat[nlat - 1] / 1000.0 : -1, cpu_measured,
 	       server_cpu_joined - server_cpu0, server_rss0, server_rss_joined,
-	       opt.server_pid ? proc_rss_kib(opt.server_pid) : 0, server_rss_max, self_measured,
+	       servers_rss_kib(), server_rss_max, self_measured,
 	       self_cpu_joined - self_cpu0, opt.seconds,
 	       stalled_dropped_at ? (double)(stalled_dropped_at - send_start) / 1e9 : -1.0);
 	return 0;

@@ -3,6 +3,11 @@
 // that ask for it (auth {"presence":"delta"}), so the two servers do the same work.
 //
 //   node bench/node-server.js PORT [NAMES_FILE]
+//
+// With REDIS_URL=redis://HOST:PORT in its environment it joins the other Node servers of
+// that Redis through @socket.io/redis-adapter, as Socket.IO's documentation does it: an
+// event is emitted locally and published to the others. (Presence stays per server: each
+// name_list holds this server's members only, less work than chatroom's whole-room list.)
 "use strict";
 const http = require("http");
 const fs = require("fs");
@@ -71,5 +76,17 @@ io.on("connection", (socket) => {
   });
 });
 
-httpServer.listen(port, "127.0.0.1", () => console.log(`node socket.io ${require("socket.io/package.json").version} on ${port}`));
+async function listen() {
+  if (process.env.REDIS_URL) {
+    const { createClient } = require("redis");
+    const { createAdapter } = require("@socket.io/redis-adapter");
+    const pub = createClient({ url: process.env.REDIS_URL });
+    const sub = pub.duplicate();
+    await Promise.all([pub.connect(), sub.connect()]);
+    io.adapter(createAdapter(pub, sub));
+  }
+  httpServer.listen(port, "127.0.0.1", () =>
+    console.log(`node socket.io ${require("socket.io/package.json").version} on ${port}`));
+}
+listen();
 process.on("SIGTERM", () => { io.close(); process.exit(0); });

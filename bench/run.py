@@ -31,7 +31,8 @@ ATTACK = os.path.join(ROOT, "build", "attack")
 
 class Scenario:
     def __init__(self, key, title, clients, loadgen_args, seconds=10, delta=False, compare=None,
-                 chatroom_args=(), servers=("chatroom", "node"), tool=LOADGEN, defaults=False):
+                 chatroom_args=(), servers=("chatroom", "node"), tool=LOADGEN, defaults=False,
+                 pair=False):
         self.key, self.title, self.clients = key, title, clients
         self.loadgen_args, self.seconds, self.delta = loadgen_args, seconds, delta
         self.compare = compare  # for a stall run: the scenario it is compared with
@@ -40,6 +41,8 @@ class Scenario:
         self.tool = tool  # bench/loadgen, or bench/attack for the attack scenarios
         # chatroom with its default flags, as someone who just runs it has them
         self.defaults = defaults or tool == ATTACK
+        # two servers of a kind joined through one Redis, the clients split between them
+        self.pair = pair
 
 
 def fanout(clients, rate, delta, seconds=10, pad=0, stall=0, key=None, title=None, **kw):
@@ -87,6 +90,11 @@ SCENARIOS = [
     Scenario("polling-2000", "2000 long-polling delta clients, 10 msg/s (default flags)", 2000,
              ["--scenario", "fanout", "--transport", "polling", "--senders", "10", "--rate", "10",
               "--warmup", "2"], seconds=20, delta=True, defaults=True),
+    # two servers and Redis, the clients split between them (CPU: both servers and Redis)
+    fanout(200, 100, delta=True, key="pair-200x100", pair=True,
+           title="2 servers + Redis, 200 clients, 100 msg/s"),
+    fanout(200, 1000, delta=True, key="pair-200x1000", pair=True,
+           title="2 servers + Redis, 200 clients, 1000 msg/s"),
     fanout(key="stall-base", **STALL),
     fanout(key="stall-1", stall=1, compare="stall-base", **STALL),
 ] + [attack(mode, conns, addresses) for conns, addresses in ((1500, 300), (5000, 1000))
@@ -128,8 +136,10 @@ def settle(pid, timeout=30):
         last = now
 
 
-def start_chatroom(port, scenario):
+def start_chatroom(port, scenario, redis=None):
     cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+    if redis:
+        cmd += ["--redis", redis]
     if scenario.defaults:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Room just big enough, as someone running this many clients would configure it.
@@ -138,42 +148,70 @@ def start_chatroom(port, scenario):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_node(port, scenario):
+def start_node(port, scenario, redis=None):
     cmd = ["node", os.path.join(ROOT, "bench", "node-server.js"), str(port)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, REDIS_URL=redis) if redis else None
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def start_redis(port):
+    return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_deployment(start, scenario):
+    """The server (or, for a pair, Redis and two servers): [(port, proc)], Redis last."""
+    if not scenario.pair:
+        port = free_port()
+        return [(port, start(port, scenario))]
+    redis_port = free_port()
+    redis = start_redis(redis_port)
+    wait_listening(redis_port, redis)
+    started = []
+    for _ in range(2):
+        port = free_port()
+        started.append((port, start(port, scenario, f"redis://127.0.0.1:{redis_port}")))
+    return started + [(redis_port, redis)]
 
 
 SERVERS = [("chatroom", start_chatroom), ("node", start_node)]
 
 
 def run_one(name, start, scenario, quick):
-    port = free_port()
-    proc = start(port, scenario)
+    deployment = start_deployment(start, scenario)
+    port, proc = deployment[0]
+    pids = []
+    for p, pr in deployment:
+        pids += ["--server-pid", str(pr.pid)]
     try:
-        wait_listening(port, proc)
-        settle(proc.pid)  # idle RSS is measured from here
+        for p, pr in deployment:
+            wait_listening(p, pr)
+            settle(pr.pid)  # idle RSS is measured from here
         seconds = min(scenario.seconds, 5 if scenario.key.startswith("fanout") else 10) \
             if quick else scenario.seconds
         if scenario.tool == ATTACK:
             cmd = [ATTACK, "--port", str(port), "--seconds", str(seconds)] + scenario.loadgen_args
         else:
             cmd = [LOADGEN, "--port", str(port), "--clients", str(scenario.clients),
-                   "--seconds", str(seconds), "--server-pid", str(proc.pid)] + scenario.loadgen_args
+                   "--seconds", str(seconds)] + pids + scenario.loadgen_args
+            if scenario.pair:
+                cmd += ["--port2", str(deployment[1][0])]
         if scenario.delta:
             cmd.append("--delta")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise RuntimeError(f"loadgen failed: {out.stderr.strip()}")
         result = json.loads(out.stdout)
-        result["server_alive"] = proc.poll() is None
+        result["server_alive"] = all(pr.poll() is None for _, pr in deployment)
         return result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for _, pr in deployment:
+            pr.send_signal(signal.SIGTERM)
+            try:
+                pr.wait(10)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+                pr.wait()
 
 
 # ---- the table ----------------------------------------------------------------------
@@ -198,6 +236,7 @@ def rows_for(scenario, r, results):
     if kind == "fanout":
         got = f'{r["received"]}/{r["expected"]}'
         rows += [("delivered", got, None),
+                 ("messages missing at the end", r["expected"] - r["received"], True),
                  ("delivered per second", r["received_in_window"] / r["measured_seconds"], None),
                  ("latency p50 ms", r["p50_ms"], True),
                  ("latency p99 ms", r["p99_ms"], True),

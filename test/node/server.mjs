@@ -25,6 +25,15 @@ function accepting(port) {
   });
 }
 
+// Servers still running: a test that fails half-way leaves its own, and the file's after()
+// hook stops them with killAll(), or node --test would wait for them for ever.
+const live = new Set();
+
+export function killAll() {
+  for (const proc of live) proc.kill("SIGKILL");
+  live.clear();
+}
+
 export async function startServer(...args) {
   const i = args.indexOf("--port");
   const port = i >= 0 ? Number(args.splice(i, 2)[1]) : await freePort();
@@ -34,7 +43,8 @@ export async function startServer(...args) {
   let stdout = "", stderr = "";
   proc.stdout.on("data", (d) => (stdout += d));
   proc.stderr.on("data", (d) => (stderr += d));
-  const exited = new Promise((resolve) => proc.on("exit", (code) => resolve(code)));
+  live.add(proc);
+  const exited = new Promise((resolve) => proc.on("exit", (code) => { live.delete(proc); resolve(code); }));
   for (let i = 0; i < 200 && !(await accepting(port)); i++)
     await new Promise((r) => setTimeout(r, 25));
   return {

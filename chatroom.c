@@ -6434,6 +6434,8 @@ static int64_t offset_of(const json_t *offset, const struct session *old)
 static bool chat_can_restore(struct session *old, int slot, const json_t *offset)
 {
 	(void)slot;
+	if (opt.redis_host && old->join != JOIN_IN)
+		return false; /* its login still on the way: no place in the room to take over */
 	int64_t from = offset_of(offset, old);
 	uint64_t oldest = recent.count ? recent.ring[recent.head].seq : recent.seq + 1;
 	return from >= 0 && (uint64_t)from <= recent.seq && (uint64_t)from + 1 >= oldest;
@@ -6593,6 +6595,8 @@ static void chat_restore(struct session *s, struct session *old, int slot, const
 	s->delta = old->delta;
 	s->flood = old->flood;
 	s->joined_seq = old->joined_seq;
+	s->join = old->join; /* with Redis: in the room, so that leaving logs it out */
+	old->join = JOIN_NONE;
 	int r = roster_find(s->nsp[slot].sid);
 	if (r >= 0)
 		roster.e[r].session = s->index;
@@ -6756,6 +6760,7 @@ enum {
 	REDIS_ALIVE_MS = 5000,      /* a server's alive key lives this long... */
 	REDIS_BEAT_MS = 1000,       /* ...and is renewed this often */
 	REDIS_STALL_MS = 5000,      /* Redis answers within this, or counts as lost */
+	REDIS_STEADY_MS = 10000,    /* up this long, a loss starts the backoff over */
 	REDIS_JOIN_WAIT_MS = 10000, /* a CONNECT waits this long for Redis to come back */
 	REDIS_BACKOFF_MAX_MS = 5000,
 	REDIS_BACKLOG = 16 << 20,   /* bytes of requests waiting for Redis, at most */
@@ -6785,6 +6790,8 @@ static struct {
 	struct redis_request *queue, *queue_last;
 	size_t queued_bytes;
 	uint64_t seq;                /* the last event applied */
+	uint64_t seq_seen;           /* a number a beat saw in Redis, not applied yet... */
+	int64_t seq_seen_at;         /* ...since then: the channel must bring it in time */
 	/* the Redis thread's own */
 	pthread_t thread;
 	int evfd;
@@ -6800,12 +6807,15 @@ static struct {
 static struct strmap newcomers; /* see the chat's side, below */
 
 static const char *const redis_script_text[5] = {
-	/* R_LOGIN. ARGV: sid, server, prefix, room size, nickname candidates... Returns
-	 * {seq, nick, history...}, or {"full"}, {"reaped"} (this server was taken for dead),
+	/* R_LOGIN. ARGV: sid, server, prefix, room size, history bytes, nickname
+	 * candidates... Returns {seq, nick, history...} (the newest items that fit in the
+	 * bytes), or {"full"}, {"reaped"} (this server was taken for dead), {"dup"} (the sid
+	 * is in the room: an Engine.IO 3 client joining again before its logout came back),
 	 * {"taken"} (every candidate is) */
 	"if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return {'full'} end\n"
 	"if redis.call('SISMEMBER', KEYS[6], ARGV[2]) == 0 then return {'reaped'} end\n"
-	"for i = 5, #ARGV do\n"
+	"if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'dup'} end\n"
+	"for i = 6, #ARGV do\n"
 	"  local nick = ARGV[i]\n"
 	"  if redis.call('HSETNX', KEYS[4], nick, ARGV[1]) == 1 then\n"
 	"    local seq = redis.call('INCR', KEYS[1])\n"
@@ -6814,7 +6824,12 @@ static const char *const redis_script_text[5] = {
 	"    redis.call('SADD', ARGV[3] .. 'members:' .. ARGV[2], ARGV[1])\n"
 	"    redis.call('PUBLISH', KEYS[7], 'L ' .. seq .. ' ' .. ARGV[1] .. ' ' .. nick)\n"
 	"    local out = {seq, nick}\n"
-	"    for _, m in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do out[#out + 1] = m end\n"
+	"    local left = tonumber(ARGV[5])\n"
+	"    for _, m in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do\n"
+	"      left = left - #m\n"
+	"      if left < 0 then break end\n"
+	"      out[#out + 1] = m\n"
+	"    end\n"
 	"    return out\n"
 	"  end\n"
 	"end\n"
@@ -6863,7 +6878,9 @@ static const char *const redis_script_text[5] = {
 	"    redis.call('DEL', set)\n"
 	"  end\n"
 	"end\n"
-	"if ARGV[4] ~= '1' then return {redis.call('SISMEMBER', KEYS[6], ARGV[1])} end\n"
+	"if ARGV[4] ~= '1' then\n"
+	"  return {redis.call('SISMEMBER', KEYS[6], ARGV[1]), redis.call('GET', KEYS[1]) or '0'}\n"
+	"end\n"
 	"local out = {redis.call('GET', KEYS[1]) or '0'}\n"
 	"for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do\n"
 	"  out[#out + 1] = sid\n"
@@ -6963,13 +6980,14 @@ static int redis_candidates(char *out[REDIS_CANDIDATES])
 
 static void redis_ask_login(struct session *s, int slot)
 {
-	char size[16], *nicks[REDIS_CANDIDATES];
+	char size[16], bytes[24], *nicks[REDIS_CANDIDATES];
 	snprintf(size, sizeof size, "%d", opt.max_clients);
+	snprintf(bytes, sizeof bytes, "%zu", opt.queue_limit / 4); /* as history_add keeps */
 	int n = redis_candidates(nicks);
-	const char *argv[4 + REDIS_CANDIDATES] = {s->nsp[slot].sid, redis.id, redis.prefix, size};
+	const char *argv[5 + REDIS_CANDIDATES] = {s->nsp[slot].sid, redis.id, redis.prefix, size, bytes};
 	for (int i = 0; i < n; i++)
-		argv[4 + i] = nicks[i];
-	struct redis_request *r = redis_request_new(R_LOGIN, 4 + n, argv, NULL);
+		argv[5 + i] = nicks[i];
+	struct redis_request *r = redis_request_new(R_LOGIN, 5 + n, argv, NULL);
 	for (int i = 0; i < n; i++)
 		free(nicks[i]);
 	r->session = s->index;
@@ -7087,6 +7105,25 @@ static void redis_login_answered(struct redis_request *r, const redisReply *repl
 	}
 }
 
+/*
+ * The subscriber connection has no replies of its own to time out: a beat reads the
+ * room's number from the command connection, and the channel must bring us that far
+ * within REDIS_STALL_MS, or it is as good as lost (a half-open connection, say).
+ * room_lock held.
+ */
+static void redis_expect_seq(long long seq)
+{
+	if (seq > 0 && redis.seq >= redis.seq_seen) {
+		redis.seq_seen = (uint64_t)seq;
+		redis.seq_seen_at = now_ms();
+	}
+}
+
+static bool redis_channel_late(void)
+{
+	return redis.seq < redis.seq_seen && now_ms() - redis.seq_seen_at > REDIS_STALL_MS;
+}
+
 /* A reply: what it answers is the oldest request in flight. room_lock held. */
 static void redis_answered(struct redis_request *r, const redisReply *reply)
 {
@@ -7101,9 +7138,11 @@ static void redis_answered(struct redis_request *r, const redisReply *reply)
 		break;
 	}
 	case R_BEAT:
-		if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 1 &&
-		    reply_integer(reply->element[0]) == 0)
-			redis.reaped = true;
+		if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2) {
+			if (reply_integer(reply->element[0]) == 0)
+				redis.reaped = true;
+			redis_expect_seq(reply_integer(reply->element[1]));
+		}
 		break;
 	default:
 		break;
@@ -7138,8 +7177,8 @@ static bool redis_msg_event(const char *p, size_t n)
 	size_t total = 0;
 	for (long i = 0; i <= natt; i++) {
 		unsigned long long v = strtoull(q, &next, 10);
-		if (next == q || v > (size_t)(end - nl))
-			return false;
+		if (next == q || v > (size_t)(end - nl) - 1 - total)
+			return false; /* each length fits in what is left: no sum can wrap */
 		lens[i] = (size_t)v;
 		total += lens[i];
 		q = next;
@@ -7184,8 +7223,10 @@ static enum redis_event_result redis_event(const char *p, size_t n)
 	size_t rest = sid ? n - (size_t)(sid - p) : 0;
 	char who[SID_LEN + 1];
 	if (p[0] == 'L' || p[0] == 'O') {
+		if (!sid)
+			return EV_GAP;
 		const char *sid_end = p[0] == 'L' ? memchr(sid, ' ', rest) : sid + rest;
-		if (!sid || !sid_end || sid_end - sid != SID_LEN)
+		if (!sid_end || sid_end - sid != SID_LEN)
 			return EV_GAP;
 		memcpy(who, sid, SID_LEN);
 		who[SID_LEN] = 0;
@@ -7220,19 +7261,45 @@ static void redis_close(void)
 	redis.cmd = redis.sub = NULL;
 }
 
+/* Why Redis is not usable, logged once each time the reason changes (a Redis that
+ * stays away does not fill the log). The Redis thread's own. */
+static char redis_last_trouble[160];
+
+static void redis_trouble(const char *what, const char *detail)
+{
+	char line[sizeof redis_last_trouble];
+	snprintf(line, sizeof line, "%s%s%s", what, detail ? ": " : "", detail ? detail : "");
+	if (strcmp(line, redis_last_trouble) == 0)
+		return;
+	memcpy(redis_last_trouble, line, sizeof line);
+	log_line("redis %s:%d: %s", opt.redis_host, opt.redis_port, line);
+}
+
+/* The text of a failed reply, or of no reply at all. */
+static const char *redis_reply_text(const redisContext *c, const redisReply *r)
+{
+	if (!r)
+		return c->errstr[0] ? c->errstr : "no reply";
+	return r->type == REDIS_REPLY_ERROR && r->str ? r->str : "unexpected reply";
+}
+
 static redisContext *redis_connect_one(void)
 {
 	struct timeval tv = {2, 0};
 	redisContext *c = redisConnectWithTimeout(opt.redis_host, opt.redis_port, tv);
 	if (!c || c->err) {
+		redis_trouble("cannot connect", c ? c->errstr : "out of memory");
 		if (c)
 			redisFree(c);
 		return NULL;
 	}
 	redisSetTimeout(c, tv);
+	redisEnableKeepAlive(c); /* a peer gone without a word is noticed, even when idle */
 	if (opt.redis_db) {
 		redisReply *r = redisCommand(c, "SELECT %d", opt.redis_db);
 		bool ok = r && r->type == REDIS_REPLY_STATUS;
+		if (!ok)
+			redis_trouble("SELECT failed", redis_reply_text(c, r));
 		if (r)
 			freeReplyObject(r);
 		if (!ok) {
@@ -7265,32 +7332,44 @@ static bool redis_connect(void)
 		goto fail;
 	redisReply *r = redisCommand(redis.sub, "SUBSCRIBE %s", redis.keys[6]);
 	bool ok = r && r->type == REDIS_REPLY_ARRAY;
+	if (!ok)
+		redis_trouble("SUBSCRIBE failed", redis_reply_text(redis.sub, r));
 	if (r)
 		freeReplyObject(r);
+	/* the scripts and our new name are read by other threads under room_lock (building
+	 * requests): made here, published below under it */
+	char sha[5][41], id[SID_LEN + 1];
 	for (int i = 0; ok && i < 5; i++) {
 		r = redisCommand(redis.cmd, "SCRIPT LOAD %s", redis_script_text[i]);
 		ok = r && r->type == REDIS_REPLY_STRING && r->len == 40;
 		if (ok)
-			memcpy(redis.sha[i], r->str, 41);
+			memcpy(sha[i], r->str, 41);
+		else
+			redis_trouble("SCRIPT LOAD failed", redis_reply_text(redis.cmd, r));
 		if (r)
 			freeReplyObject(r);
 	}
 	if (!ok)
 		goto fail;
-	make_sid(redis.id);
+	make_sid(id);
 	char alive[16];
 	snprintf(alive, sizeof alive, "%d", REDIS_ALIVE_MS);
-	r = redisCommand(redis.cmd, "EVALSHA %s 7 %s %s %s %s %s %s %s %s %s %s 1", redis.sha[R_BEAT],
+	r = redisCommand(redis.cmd, "EVALSHA %s 7 %s %s %s %s %s %s %s %s %s %s 1", sha[R_BEAT],
 	                 redis.keys[0], redis.keys[1], redis.keys[2], redis.keys[3], redis.keys[4],
-	                 redis.keys[5], redis.keys[6], redis.id, redis.prefix, alive);
+	                 redis.keys[5], redis.keys[6], id, redis.prefix, alive);
 	ok = r && r->type == REDIS_REPLY_ARRAY && r->elements % 2 == 1;
+	if (!ok)
+		redis_trouble("registering failed", redis_reply_text(redis.cmd, r));
 	if (ok) {
 		redis_nonblocking(redis.cmd);
 		redis_nonblocking(redis.sub);
 		room_lock_acquire();
+		memcpy(redis.sha, sha, sizeof sha);
+		memcpy(redis.id, id, sizeof id);
 		chat_room_reset(r);
 		redis.up = true;
 		room_unlock();
+		redis_last_trouble[0] = 0;
 		log_line("redis %s:%d: in the room \"%s\" as server %s", opt.redis_host, opt.redis_port,
 		         opt.room, redis.id);
 	}
@@ -7356,6 +7435,8 @@ static bool redis_read_replies(void)
 	while (redisReaderGetReply(redis.cmd->reader, &reply) == REDIS_OK && reply) {
 		struct redis_request *r = redis_flight_pop();
 		bool error = ((redisReply *)reply)->type == REDIS_REPLY_ERROR;
+		if (error) /* NOSCRIPT, OOM, READONLY...: connecting again settles what it can */
+			redis_trouble("error reply", ((redisReply *)reply)->str);
 		if (r && !error) {
 			room_lock_acquire();
 			redis_answered(r, reply);
@@ -7456,10 +7537,12 @@ static void redis_serve(void)
 		    (redisBufferRead(redis.sub) != REDIS_OK || !redis_read_events()))
 			return;
 		room_lock_acquire();
-		bool reaped = redis.reaped;
+		bool reaped = redis.reaped, late = redis_channel_late();
 		room_unlock();
 		if (reaped) /* we were taken for dead: our members are out of the room */
 			return;
+		if (late)
+			return; /* the channel brings nothing */
 	}
 }
 
@@ -7474,6 +7557,7 @@ static void redis_lost(void)
 	bool was_up = redis.up;
 	redis.up = false;
 	redis.reaped = false;
+	redis.seq_seen = 0;
 	while (redis.queue) {
 		struct redis_request *r = redis.queue;
 		redis.queue = r->next;
@@ -7515,7 +7599,7 @@ static void *redis_main(void *arg)
 	int64_t backoff = 100;
 	while (!stopping) {
 		if (redis_connect()) {
-			backoff = 100;
+			int64_t since = now_ms();
 			room_lock_acquire();
 			chat_waiting_admit(true);
 			room_unlock();
@@ -7523,7 +7607,11 @@ static void *redis_main(void *arg)
 			if (stopping)
 				redis_goodbye();
 			redis_lost();
-			continue;
+			if (now_ms() - since > REDIS_STEADY_MS) {
+				backoff = 100;
+				continue;
+			}
+			/* up only a moment: a Redis that fails again at once is not hammered */
 		}
 		/* until the next try, CONNECTs that waited too long for Redis are refused */
 		for (int64_t until = now_ms() + backoff; !stopping && now_ms() < until;) {
@@ -7721,16 +7809,16 @@ static void chat_leave_redis(struct session *s, int slot, const char *reason)
 	const char *sid = s->nsp[slot].sid;
 	if (chat_joining(sid) == s)
 		strmap_del(&newcomers, sid);
+	for (int i = 0; i < room.count; i++) /* whatever its state: it gets nothing more */
+		if (room.members[i] == s->index) {
+			memmove(&room.members[i], &room.members[i + 1],
+			        (size_t)(room.count - i - 1) * sizeof(int));
+			room.count--;
+			if (s->recover)
+				room.recoverable[s->delta]--;
+			break;
+		}
 	if (s->join == JOIN_IN) {
-		for (int i = 0; i < room.count; i++)
-			if (room.members[i] == s->index) {
-				memmove(&room.members[i], &room.members[i + 1],
-				        (size_t)(room.count - i - 1) * sizeof(int));
-				room.count--;
-				if (s->recover)
-					room.recoverable[s->delta]--;
-				break;
-			}
 		int r = roster_find(sid);
 		if (r >= 0)
 			roster.e[r].session = -1;

@@ -25,13 +25,13 @@ from rawws import Closed, RawWS
 class Redis:
     """A redis-server of our own: no persistence, loopback only."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, *args):
         if not shutil.which("redis-server"):
             pytest.fail("redis-server is missing: make test installs Debian's redis-server")
         self.port = port or free_port()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
+             "--appendonly", "no", "--protected-mode", "no", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_until(self._up, timeout=10), "redis-server did not start"
 
@@ -297,3 +297,192 @@ def test_a_connect_waits_for_redis_to_come_back(make_server):
         assert ws.recv_message().startswith('42["msg",{"username"')
     finally:
         r.stop()
+
+
+def test_a_redis_that_does_not_answer_counts_as_lost(make_server, redis):
+    # Redis holds every client for 8 s: within REDIS_STALL_MS (5 s) the server gives up on
+    # it (503, its client cut, and back by itself once Redis answers again).
+    s = make_server("--redis", redis.url)
+    sio = socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5)
+    connects = []
+    sio.on("connect", lambda: connects.append(time.monotonic()))
+    sio.connect(s.url, transports=["websocket"])
+    redis.command("CLIENT", "PAUSE", "8000", "ALL")
+    start = time.monotonic()
+    assert wait_until(lambda: not sio.connected, timeout=10)
+    assert time.monotonic() - start < 8
+    assert health(s) == 503
+    assert wait_until(lambda: sio.connected and len(connects) >= 2, timeout=30)
+    assert health(s) == 200
+    sio.disconnect()
+
+
+def test_a_subscriber_that_falls_behind_is_dropped_and_comes_back(make_server):
+    # Redis drops a subscriber whose output buffer passes its limit (here 4 MB): the
+    # server stopped while the room talks falls that far behind once the kernel's socket
+    # buffers (a few MB on loopback) are full. When it runs again it finds its
+    # subscription gone: its clients are cut and come back.
+    r = Redis(None, "--client-output-buffer-limit", "pubsub 4mb 2mb 1")
+    try:
+        a = make_server("--redis", r.url, "--inbound-rate", "0")
+        b = make_server("--redis", r.url)
+        talker = Chatter(a)
+        talker.nick
+        sio = socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5)
+        connects = []
+        sio.on("connect", lambda: connects.append(time.monotonic()))
+        sio.connect(b.url, transports=["websocket"])
+        in_room(a, 2)
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(40):
+                talker.say(f"{i} " + "x" * 500_000)
+            talker.wait(lambda m: m.get("msg", "").startswith("39 "), timeout=30)
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        assert b.wait_log(r"lost; our clients are disconnected", timeout=10)
+        assert wait_until(lambda: sio.connected and len(connects) >= 2, timeout=30)
+        in_room(a, 2, timeout=15)
+        sio.disconnect()
+        talker.close()
+    finally:
+        r.stop()
+
+
+def test_a_recovered_member_still_leaves_the_whole_room(make_server, redis):
+    # Recovery is per server: a member that comes back to the same server within the
+    # window keeps its place, and the place is still one Redis knows about. When it then
+    # leaves for good, every server hears its logout, and the room counts one fewer.
+    a, b = servers(make_server, redis, 2, "--recovery-window", "5")
+    watcher = Chatter(b)
+    watcher.nick
+    ws = RawWS.engineio(a)
+    assert ws.recv_message()[0] == "0"
+    ws.send_text('40{"recovery":true}')
+    answer = json.loads(ws.recv_message()[2:])
+    login = json.loads(ws.recv_message()[2:])
+    nick, offset = login[1]["username"], login[-1]
+    in_room(a, 2)
+    ws.sock.shutdown(socket.SHUT_RDWR)  # gone without a word: the window opens
+    ws.close()
+
+    back = RawWS.engineio(a)
+    assert back.recv_message()[0] == "0"
+    back.send_text('40' + json.dumps({"pid": answer["pid"], "offset": offset}))
+    assert json.loads(back.recv_message()[2:])["sid"] == answer["sid"]  # recovered
+    in_room(b, 2)
+    back.send_text("41")  # and now it leaves for good
+    watcher.wait(lambda m: m.get("action") == "logout" and m.get("username") == nick)
+    in_room(a, 1)
+    in_room(b, 1)
+    assert redis.command("HLEN", "chatroom:nick") == 1
+    watcher.close()
+    back.close()
+
+
+def test_a_malformed_event_on_the_channel_costs_a_reconnect_not_a_crash(make_server, redis):
+    # Anything published on the room's channel is read as the room's event. One that does
+    # not parse (a login without its sid, here, numbered as the next event) is treated as
+    # a gap: the server starts over from Redis, its clients come back.
+    s = make_server("--redis", redis.url)
+    sio = socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5)
+    connects = []
+    sio.on("connect", lambda: connects.append(time.monotonic()))
+    sio.connect(s.url, transports=["websocket"])
+    seq = int(redis.command("GET", "chatroom:seq"))
+    redis.command("PUBLISH", "chatroom:events", f"L {seq + 1}")
+    assert s.wait_log(r"lost; our clients are disconnected", timeout=10)
+    assert wait_until(lambda: sio.connected and len(connects) >= 2, timeout=30)
+    assert s.proc.poll() is None
+    sio.disconnect()
+
+
+class FreezingProxy:
+    """A TCP proxy to Redis whose n-th connection can stop passing Redis's bytes on while
+    staying open: a half-open connection, as a dead NAT entry or a frozen peer leaves."""
+
+    def __init__(self, redis_port):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.redis_port = redis_port
+        self.frozen = set()
+        self.count = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.redis_port))
+            except OSError:  # Redis stopped at the test's end
+                client.close()
+                continue
+            n, self.count = self.count, self.count + 1
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, n), daemon=True).start()
+
+    def _pump(self, src, dst, n):
+        try:
+            while data := src.recv(65536):
+                if n not in self.frozen:
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_channel_that_goes_quiet_counts_as_lost(make_server, redis):
+    # The subscriber connection stays open but brings nothing (its bytes stop at the
+    # proxy), while commands go through: the heartbeat sees the room's number move on
+    # without us, and within REDIS_STALL_MS (5 s) the server starts over.
+    proxy = FreezingProxy(redis.port)
+    s = make_server("--redis", f"redis://127.0.0.1:{proxy.port}")
+    other = make_server("--redis", redis.url)
+    sio = socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5)
+    connects = []
+    sio.on("connect", lambda: connects.append(time.monotonic()))
+    sio.connect(s.url, transports=["websocket"])
+    talker = Chatter(other)
+    talker.nick
+    proxy.frozen.add(0)  # the first connection is the subscriber
+    start = time.monotonic()
+    talker.say("anyone there?")
+    assert s.wait_log(r"lost; our clients are disconnected", timeout=15)
+    assert time.monotonic() - start < 12
+    proxy.frozen.clear()  # connections made from now on pass everything
+    assert wait_until(lambda: sio.connected and len(connects) >= 2, timeout=30)
+    sio.disconnect()
+    talker.close()
+    proxy.close()
+
+
+def redis_sent_bytes(redis):
+    info = redis.command("INFO", "stats")
+    return int(info.split("total_net_output_bytes:")[1].split()[0])
+
+
+def test_a_login_reads_only_the_history_a_newcomer_can_get(make_server, redis):
+    # History lives in Redis, 50 messages however long. A login's reply carries only the
+    # newest that fit in what one server keeps for a newcomer (a quarter of the queue
+    # limit, 500 kB here), not all of them: 50 long messages must not make every login
+    # a 5 MB read.
+    s = make_server("--redis", redis.url, "--inbound-rate", "0", "--queue-limit", "2000000")
+    talker = Chatter(s)
+    talker.nick
+    for i in range(50):
+        talker.say(f"{i} " + "x" * 100_000)
+    talker.wait(lambda m: m.get("msg", "").startswith("49 "), timeout=30)
+    before = redis_sent_bytes(redis)
+    newcomer = Chatter(s)
+    newcomer.nick
+    assert wait_until(lambda: newcomer.history, timeout=10)
+    history = newcomer.history[0]
+    assert 3 <= len(history) <= 5 and history[-1]["msg"].startswith("49 ")
+    assert redis_sent_bytes(redis) - before < 1_000_000
+    newcomer.close()
+    talker.close()

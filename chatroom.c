@@ -12,14 +12,19 @@
  *   small tools        logging, time, randomness, base64, SHA-1, UTF-8, a string map
  *   JSON               a validating scanner with a depth limit; jansson for the rest
  *   names              the nickname list and who holds which name
+ *   peers              what one address may hold
  *   shared buffers     one serialized packet, referenced by every queue it is sent to
  *   sessions           one Engine.IO session per client, its bounded outbound queue
  *   Engine.IO packets  payload encodings of protocol 3 and 4
  *   Engine.IO          handshake, heartbeat, what a session does with a packet
+ *   HTTP               answers we write ourselves, request heads we read ourselves
+ *   HTTP connections   every connection while it waits for the network
  *   long-polling       GET and POST, run on civetweb's worker threads
  *   WebSocket          frames, and the wire thread that owns every WebSocket
  *   Socket.IO          packets, namespaces, acknowledgements, binary attachments
  *   the chat room      login, logout, msg
+ *   the room across servers   with --redis: one room, one order, through Redis
+ *   metrics            /metrics and /healthz
  *   HTTP routes        what civetweb hands us
  *   main               start-up, signals, shutdown
  *
@@ -31,7 +36,8 @@
  * workers runs only requests that are complete, and each returns at once, parking a GET
  * with the wire thread if it must wait. So a client that stops reading or sending stalls
  * nobody: its queue grows to a bound and then it is dropped. The main thread waits for
- * signals and prints the log. (Built against Debian's libcivetweb, whose connections
+ * signals and prints the log. With --redis, one more thread talks to Redis (see the room
+ * across servers). (Built against Debian's libcivetweb, whose connections
  * cannot leave their worker, each connection holds a worker as civetweb means it to.)
  *
  * Locking. One mutex of ours, room_lock, guards every session, every outbound queue,

@@ -5043,8 +5043,9 @@ static bool wire_flush(void)
 	int64_t now = now_us();
 	room_lock_acquire();
 	if (!dirty_head || wire_flush_paced(now)) {
+		bool idle = !dirty_head; /* read under the lock: workers push onto it */
 		room_unlock();
-		return !dirty_head;
+		return idle;
 	}
 	pace.last_us = now;
 	pace.last_frames = 0;
@@ -5273,6 +5274,7 @@ static void *wire_main(void *arg)
 			eio_timer_fire(due, now);
 		int wait = heap_wait_ms(&session_timers, now);
 		bool stop = stopping;
+		bool busy = stop && wire_busy(); /* ws_in_use is room_lock's: workers release slots */
 		room_unlock();
 		if (stop && !stop_by) {
 			stop_by = now + CLOSE_LINGER_MS;
@@ -5281,7 +5283,7 @@ static void *wire_main(void *arg)
 			                    * by /healthz and closed after, until we are done */
 #endif
 		}
-		if (stop && (!wire_busy() || now > stop_by))
+		if (stop && (!busy || now > stop_by))
 			break;
 #if CIVETWEB_EMBEDDED
 		if (listen_paused_until && now >= listen_paused_until) {

@@ -120,11 +120,13 @@ def test_student_build_against_debian_packages(tmp_path):
     assert r.returncode == 0, r.stderr
     s = Server(*FAST, binary=str(tmp_path / "chatroom"))
     try:
-        assert s.wait_log("without IPv6: listening on IPv4 only")
+        # (one worker thread per place: starting 11,000 of them takes seconds on a loaded
+        # machine, and so does stopping them)
+        assert s.wait_log("without IPv6: listening on IPv4 only", timeout=60)
         chat_smoke(s)
         assert "<title>chatroom</title>" in requests.get(s.url + "/", timeout=5).text
     finally:
-        code, took = s.stop(timeout=5)
+        code, took = s.stop(timeout=60)
         assert code == 0  # Debian's civetweb takes up to 2 s to stop
 
 

@@ -785,6 +785,8 @@ static const char b64_alphabet[] =
 
 static void base64_encode(struct buf *out, const unsigned char *p, size_t n)
 {
+	if (n == 0)
+		return; /* out->p may still be NULL, and NULL + 0 is undefined in C */
 	buf_reserve(out, (n + 2) / 3 * 4);
 	char *o = out->p + out->len;
 	size_t i = 0;
@@ -2702,7 +2704,8 @@ static bool payload_decode(struct session *s, const char *body, size_t len, bool
 				more = text_packet(s, pkt, plen, true, fn, &ok);
 			} else {
 				unsigned char type = (unsigned char)pkt[0];
-				ok = type <= 6;
+				/* only a message is binary: the data of any other packet is text */
+				ok = type <= 6 && (type == 4 || utf8_valid(pkt + 1, plen - 1));
 				more = ok && fn(s, (char)('0' + type), pkt + 1, plen - 1, type == 4);
 			}
 			if (!ok || !more)
@@ -3418,9 +3421,10 @@ static int head_framing(const char *p, size_t n, size_t *body_len)
 					return 400;
 				len = len * 10 + (uint64_t)(*d - '0');
 			}
+			bool digits = d > v; /* "Content-Length: \r" has none */
 			while (d < eol && (*d == ' ' || *d == '\t' || *d == '\r'))
 				d++;
-			if (d == v || d != eol || (have_length && len != *body_len) || len > SIZE_MAX / 2)
+			if (!digits || d != eol || (have_length && len != *body_len) || len > SIZE_MAX / 2)
 				return 400;
 			*body_len = (size_t)len;
 			have_length = true;
@@ -4724,7 +4728,9 @@ static void ws_message(struct wsconn *ws, bool text, const char *data, size_t le
 		ok = ok && open;
 	} else if (ws->eio == 3) {
 		unsigned char type = len > 0 ? (unsigned char)data[0] : 0xFF;
-		ok = type <= 6 && eio_receive(s, (char)('0' + type), data + 1, len - 1, type == 4);
+		/* only a message is binary: the data of any other packet is text */
+		ok = type <= 6 && (type == 4 || utf8_valid(data + 1, len - 1)) &&
+		     eio_receive(s, (char)('0' + type), data + 1, len - 1, type == 4);
 	} else {
 		ok = eio_receive(s, '4', data, len, true);
 	}
@@ -6419,11 +6425,16 @@ static void recent_add(struct blob *full, struct blob *delta, struct blob *const
 /* The event's text with its offset as a last argument: [..., "SEQ"]. */
 static struct blob *with_offset(const struct blob *event, uint64_t seq)
 {
+	/* all but the closing ']' and the white space JSON allows after it, as a client may
+	 * have sent it ("42[...] \n") */
+	size_t keep = event->len - 1;
+	while (keep > 0 && event->data[keep] != ']')
+		keep--;
 	char tail[32];
 	int n = snprintf(tail, sizeof tail, ",\"%llu\"]", (unsigned long long)seq);
-	struct blob *b = blob_new(event->len - 1 + (size_t)n);
-	memcpy(b->data, event->data, event->len - 1); /* all but the closing ']' */
-	memcpy(b->data + event->len - 1, tail, (size_t)n);
+	struct blob *b = blob_new(keep + (size_t)n);
+	memcpy(b->data, event->data, keep);
+	memcpy(b->data + keep, tail, (size_t)n);
 	return b;
 }
 

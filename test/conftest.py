@@ -7,6 +7,7 @@ input no polite client would send. When a test ends, its servers are stopped wit
 SIGTERM; each must exit 0, promptly, with nothing from a sanitizer on stderr.
 """
 import os
+import queue
 import re
 import signal
 import socket
@@ -73,16 +74,156 @@ def wait_until(predicate, timeout=5.0, interval=0.01):
         time.sleep(interval)
 
 
+def line_reader(stream):
+    """A child's output (a text stream), line by line: next_line(timeout) is its next line
+    ("" once it has ended), and fails the test if none comes in time rather than hang it."""
+    lines = queue.Queue()
+
+    def pump():
+        for line in stream:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def next_line(timeout=20.0):
+        try:
+            return lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line from the child within {timeout} s") from None
+    return next_line
+
+
+def tries(seconds, what):
+    """For loops that wait for something to come, one step at a time:
+        for _ in tries(10, "its login"): ...; if done: break
+    runs the body again and again, and fails the test once `seconds` have passed, so
+    that a server that never sends it makes a failure, not a test that hangs."""
+    end = time.monotonic() + seconds
+    while True:
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {seconds} s")
+        yield
+
+
+def proc_net_address(field):
+    """(address, port) of an "ADDR:PORT" field of /proc/net/tcp or tcp6: the address in
+    32-bit words of host byte order, in hex."""
+    addr, port = field.rsplit(":", 1)
+    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(port, 16)
+
+
+def server_ends(socks):
+    """The server's ends of clients' connected sockets, as /proc/net/tcp lists them: for
+    each socket, the fields of its line (split), or None if the server's end is gone."""
+    def key(a):  # IPv4 in IPv6 (::ffff:127.0.0.1) as IPv4
+        return (a[0].removeprefix("::ffff:"), a[1])
+
+    want = {(key(sock.getsockname()[:2]), key(sock.getpeername()[:2])): i
+            for i, sock in enumerate(socks)}
+    found = [None] * len(socks)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            i = want.get((key(proc_net_address(f[2])), key(proc_net_address(f[1]))))
+            if i is not None:
+                found[i] = f
+    return found
+
+
+def server_has_read(*socks):
+    """True once the server has read everything each of `socks` (clients' connected
+    sockets) sent it: its ends of those connections hold no unread bytes. Tests wait for
+    this, not for a while, before they act on the assumption that a request has arrived."""
+    return all(f is not None and int(f[4].split(":")[1], 16) == 0 for f in server_ends(socks))
+
+
+EPOLLIN, EPOLLRDHUP = 0x1, 0x2000
+
+
+def hang_up_watched(server):
+    """The descriptors of connections the server's wire thread watches for a hang-up only:
+    long-poll GETs that wait for packets (chatroom.c, conn_park). Read from the epoll set
+    in /proc/PID/fdinfo, as {descriptor: the inode of its socket}."""
+    proc = f"/proc/{server.proc.pid}"
+    found = {}
+    try:
+        for n in os.listdir(f"{proc}/fdinfo"):
+            for fd, events in re.findall(r"^tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)",
+                                         open(f"{proc}/fdinfo/{n}").read(), re.M):
+                if int(events, 16) & (EPOLLIN | EPOLLRDHUP) == EPOLLRDHUP:
+                    found[int(fd)] = os.readlink(f"{proc}/fd/{fd}")
+    except OSError:  # a descriptor closed while we looked
+        pass
+    return found
+
+
+def parked(server, sock):
+    """True once the long-poll GET sent on `sock` waits in the server for packets (while
+    a request is still on its way, it is being read or is with a worker)."""
+    end = server_ends([sock])[0]
+    return end is not None and f"socket:[{end[9]}]" in hang_up_watched(server).values()
+
+
+def raw_request(server, request, source=None):
+    """Sends an HTTP request (bytes) on a connection of its own and waits until the server
+    has read it; returns the socket. http_answer(sock) reads what comes back."""
+    sock = socket.create_connection((server.host, server.port),
+                                    source_address=(source, 0) if source else None)
+    sock.sendall(request)
+    assert wait_until(lambda: server_has_read(sock), timeout=10), "the server did not read it"
+    return sock
+
+
+def parked_get(server, sid, eio=4, path="/socket.io/"):
+    """A long-poll GET of session `sid` on a connection of its own, once the server holds
+    it waiting for packets (not merely once it has arrived: until a worker has looked at
+    it, the server does not know it is there). http_answer(sock) reads its answer."""
+    sock = raw_request(server, f"GET {path}?EIO={eio}&transport=polling&sid={sid} "
+                               f"HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert wait_until(lambda: parked(server, sock), timeout=10), "the GET was not parked"
+    return sock
+
+
+def http_answer(sock, timeout=10.0):
+    """(status, body) of one answer read from sock; the body as text."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), b"0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split(b" ")[1]), body.decode("utf-8", "replace")
+
+
 class Server:
     """One chatroom process."""
 
     def __init__(self, *args, host="127.0.0.1", port=None, binary=BINARY, cwd=None, env=None,
-                 env_replace=None, prefix=()):
+                 env_replace=None, prefix=(), add_address=True):
         """prefix: arguments between the binary and ours (qemu runs the real binary);
-        env_replace: the whole environment instead of ours plus `env`."""
+        env_replace: the whole environment instead of ours plus `env`; add_address=False:
+        no --host and --port of ours, the caller's args say where it listens (host and
+        port still say where to reach it)."""
         self.host = host
         self.port = port or free_port()
-        self.argv = [binary, *prefix, "--host", host, "--port", str(self.port), *args]
+        address = ["--host", host, "--port", str(self.port)] if add_address else []
+        self.argv = [binary, *prefix, *address, *args]
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
         full_env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:quarantine_size_mb=16",
@@ -129,7 +270,7 @@ class Server:
         rx = re.compile(pattern)
         return wait_until(lambda: len(rx.findall(self.stdout())) >= count, timeout)
 
-    def stop(self, sig=signal.SIGTERM, timeout=3.0):
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
         """Stops the server; returns (exit code, seconds it took)."""
         if self.proc.poll() is None:
             start = time.monotonic()
@@ -149,7 +290,10 @@ class Server:
         err = self._err.read()
         assert not SANITIZER.search(err), err.decode("utf-8", "replace")
         assert code == 0, f"exit {code} after {took:.1f}s; stderr: {err[-2000:]!r}"
-        assert took < 2.0, f"took {took:.2f}s to stop"
+        # README promises a second; this bound only catches a server that hangs at the end
+        # of every test, with room for a loaded machine and the sanitizer build.
+        # (test_signal_disconnects_everyone_and_exits_0_quickly holds the promise itself.)
+        assert took < 5.0, f"took {took:.2f}s to stop"
 
 
 @pytest.hookimpl(hookwrapper=True)

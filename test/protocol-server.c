@@ -12,7 +12,8 @@
  *                "message-back" and the same arguments; "message-with-ack" is
  *                acknowledged with its arguments; other namespaces are refused.
  *
- * Start it with: make protocol-server   (--port changes 3000, for our own tests)
+ * Start it with: make protocol-server   (--port changes 3000, and --ping-interval and
+ * --ping-timeout the heartbeat, for our own tests)
  *
  * The chat server has none of this: what is here is this file's handlers, plugged into the
  * same extension points (struct eio_app, struct sio_handler) the chat room uses.
@@ -181,9 +182,9 @@ int main(int argc, char **argv)
 {
 	opt.port = 3000;
 	opt.quiet = true;
-	parse_options(argc, argv);
 	opt.ping_interval = 300;
 	opt.ping_timeout = 200;
+	parse_options(argc, argv);
 	opt.max_payload = 1000000;
 	int sigfd = signals_block();
 

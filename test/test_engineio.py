@@ -2,14 +2,14 @@
 WebSocket, the upgrade between them, heartbeats, and every error answer."""
 import json
 import socket
-import threading
 import time
 
 import pytest
 import requests
 
-from conftest import Polling, wait_until
-from rawws import RawWS
+from conftest import Polling, http_answer, parked_get, server_has_read, tries, wait_until
+from rawws import Closed, RawWS
+from test_socketio import joined
 
 LOGIN = '42["msg",{"username":'
 HISTORY = '42["history",'
@@ -52,7 +52,9 @@ def test_polling_batches_packets_both_ways(server):
     r = p.post('40\x1e42["msg",{"msg":"one"}]\x1e42["msg",{"msg":"two"}]')
     assert (r.status_code, r.text) == (200, "ok")
     packets = []
-    while len(packets) < 5:
+    for _ in tries(30, "five packets"):
+        if len(packets) >= 5:
+            break
         packets += p.packets()
     assert packets[0].startswith('40{"sid":"')
     assert packets[1].startswith(LOGIN)
@@ -91,16 +93,12 @@ def test_upgrade_from_polling(server):
     p = Polling(server)
     p.post("40")
     assert len(p.packets()) == 3
-    parked = {}
-    t = threading.Thread(target=lambda: parked.setdefault("r", p.get(timeout=10)))
-    t.start()
-    time.sleep(0.2)
+    waiting = parked_get(server, p.sid)
     ws = RawWS.engineio(server, f"EIO=4&transport=websocket&sid={p.sid}")
     assert ws.status == 101
     ws.send_text("2probe")
     assert ws.recv_message() == "3probe"
-    t.join(5)
-    assert parked["r"].text == "6"  # the waiting GET is released with noop
+    assert http_answer(waiting) == (200, "6")  # the waiting GET is released with noop
     ws.send_text("5")
     ws.send_text('42["msg",{"msg":"over ws"}]')
     assert '"msg":"over ws"' in ws.recv_message()
@@ -127,7 +125,7 @@ def test_get_during_upgrade_gets_noop(server):
     assert ws.recv_message() == "3probe"
     start = time.monotonic()
     assert p.get().text == "6"
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 5.0  # at once, not after the 25 s ping interval
     ws.close()
 
 
@@ -138,7 +136,9 @@ def test_nothing_lost_or_reordered_across_upgrade(server, chatters):
     p = Polling(server)
     p.post("40")
     got = []
-    while not any(x.startswith(LOGIN) for x in got):
+    for _ in tries(30, "its login"):
+        if any(x.startswith(LOGIN) for x in got):
+            break
         got += p.packets()
     for i in range(20):
         talker.say(f"before {i}")
@@ -153,7 +153,9 @@ def test_nothing_lost_or_reordered_across_upgrade(server, chatters):
     ws.send_text("5")
     for i in range(20):
         talker.say(f"after {i}")
-    while sum(1 for x in got if '"send msg"' in x) < 60:
+    for _ in tries(30, "sixty messages"):
+        if sum(1 for x in got if '"send msg"' in x) >= 60:
+            break
         got.append(ws.recv_message())
     texts = [json.loads(x[2:])[1]["msg"] for x in got if '"send msg"' in x]
     expected = [f"{w} {i}" for w in ("before", "during", "after") for i in range(20)]
@@ -161,30 +163,83 @@ def test_nothing_lost_or_reordered_across_upgrade(server, chatters):
     ws.close()
 
 
+# Heartbeat timing. Lower bounds are exact (the server may not ping or give up early, and
+# a slow machine only makes things later); upper bounds leave seconds for a loaded machine.
 def test_heartbeat_over_polling(make_server):
-    s = make_server("--ping-interval", "300", "--ping-timeout", "200")
+    s = make_server("--ping-interval", "1000", "--ping-timeout", "600")
     p = Polling(s)
     for _ in range(3):
-        start = time.monotonic()
-        assert p.packets() == ["2"]
-        assert 0.2 < time.monotonic() - start < 0.6
+        start = time.monotonic()  # just after the last pong: the next ping is 1 s away
+        assert p.packets(timeout=10) == ["2"]
+        assert 0.7 < time.monotonic() - start < 4.0
         assert p.post("3").status_code == 200
-    # no pong: the session is gone after pingInterval + pingTimeout
-    time.sleep(0.3 + 0.2 + 0.1)
+    # no pong: the session is gone pingTimeout after the next ping
+    start = time.monotonic()
+    while True:
+        r = p.get(timeout=10)
+        if r.status_code != 200 or r.text == "1":
+            break
+        assert r.text == "2" and time.monotonic() - start < 10
+    assert time.monotonic() - start > 1.0 + 0.6 - 0.3
     assert body_error(p.get()) == (400, {"code": 1, "message": "Session ID unknown"})
 
 
 def test_heartbeat_over_websocket(make_server):
-    s = make_server("--ping-interval", "300", "--ping-timeout", "200")
+    s = make_server("--ping-interval", "300", "--ping-timeout", "600")
     ws = RawWS.engineio(s)
     ws.recv_message()
     for _ in range(3):
-        assert ws.recv_message(timeout=1) == "2"
+        assert ws.recv_message(timeout=5) == "2"
         ws.send_text("3")
-    assert ws.recv_message(timeout=1) == "2"
+    assert ws.recv_message(timeout=5) == "2"
     start = time.monotonic()
-    assert ws.expect_close(timeout=2) is not None
-    assert time.monotonic() - start < 0.2 + 0.15
+    assert ws.expect_close(timeout=10) is not None
+    assert 0.6 - 0.15 < time.monotonic() - start < 0.6 + 3.0
+
+
+def test_a_pong_that_takes_most_of_the_ping_timeout_is_in_time(make_server):
+    # A client on a slow link answers each ping after a second; pingTimeout is 2 s, so
+    # it stays (a server that gave up early would drop it).
+    s = make_server("--ping-interval", "300", "--ping-timeout", "2000")
+    ws = joined(s)
+    for _ in range(3):
+        assert ws.recv_message(timeout=5) == "2"
+        time.sleep(1.0)  # the slow client, on purpose: half of pingTimeout
+        ws.send_text("3")
+    ws.send_text('42["msg",{"msg":"still here"}]')
+    while (m := ws.recv_message(timeout=5)) == "2":
+        ws.send_text("3")
+    assert '"still here"' in m
+    ws.close()
+
+
+def test_other_packets_buy_one_more_ping_timeout_once(make_server):
+    # As in Node: while a pong is awaited, the first other packet from the client moves
+    # the deadline to pingTimeout after it; later ones do not. With pingTimeout 3 s: a
+    # message 2 s after the ping, the pong 4 s after it (each a second from a deadline).
+    s = make_server("--ping-interval", "300", "--ping-timeout", "3000")
+    ws = joined(s)
+    assert ws.recv_message(timeout=5) == "2"
+    pinged = time.monotonic()
+    time.sleep(2.0)  # the client is busy: it sends a message instead of its pong
+    ws.send_text('42["msg",{"msg":"busy"}]')
+    assert '"busy"' in ws.recv_message(timeout=5)
+    time.sleep(max(0.0, pinged + 4.0 - time.monotonic()))  # past the first deadline (3 s)
+    ws.send_text("3")                                      # within the new one (5 s)
+    ws.send_text('42["msg",{"msg":"alive"}]')
+    assert '"alive"' in ws.recv_message(timeout=5)
+    # now it never answers, and keeps talking: one more pingTimeout, and it is gone
+    assert ws.recv_message(timeout=5) == "2"
+    pinged = time.monotonic()
+    with pytest.raises(Closed):
+        while time.monotonic() - pinged < 10.0:  # 0.4 + 3 s, and room for a slow machine
+            ws.send_text('42["msg",{"msg":"talking"}]')
+            try:
+                while True:
+                    ws.recv_message(timeout=0.4)
+            except socket.timeout:
+                pass
+    assert time.monotonic() - pinged > 3.0 - 0.1  # (the server counts in whole ms)
 
 
 def test_client_ping_is_refused_in_protocol_4(server):
@@ -244,14 +299,10 @@ def test_wrong_transport_for_sid(server):
 
 def test_second_concurrent_get_closes_the_session(server):
     p = Polling(server)
-    first = {}
-    t = threading.Thread(target=lambda: first.setdefault("r", p.get(timeout=10)))
-    t.start()
-    time.sleep(0.2)
+    first = parked_get(server, p.sid)
     second = requests.get(server.eio, params=p.params(), timeout=5)
     assert body_error(second) == (400, {"code": 3, "message": "Bad request"})
-    t.join(5)
-    assert first["r"].text == "1"  # the waiting one gets a close packet
+    assert http_answer(first) == (200, "1")  # the waiting one gets a close packet
     assert p.get().status_code == 400
 
 
@@ -260,7 +311,7 @@ def test_second_concurrent_post_closes_the_session(server):
     slow = socket.create_connection((server.host, server.port))
     slow.sendall((f"POST /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
                   f"Host: x\r\nContent-Length: 100\r\n\r\n42").encode())
-    time.sleep(0.2)
+    assert wait_until(lambda: server_has_read(slow))
     r = requests.post(server.eio, params=p.params(), data=b"40", timeout=5)
     assert body_error(r) == (400, {"code": 3, "message": "Bad request"})
     assert p.get().status_code == 400
@@ -274,6 +325,14 @@ def test_body_over_max_payload_is_refused(make_server):
     assert r.status_code == 413  # as Node's engine.io answers
     r = p.post('40')
     assert r.status_code == 200  # the session lives on
+    for _ in tries(30, "its login"):
+        if any(x.startswith(LOGIN) for x in p.packets()):
+            break
+    exactly = '42["msg",{"msg":"%s"}]'
+    exactly %= "y" * (1000 - len(exactly) + 2)
+    assert len(exactly.encode()) == 1000
+    assert p.post(exactly).status_code == 200  # a body of maxPayload bytes is fine
+    assert any('"yyy' in x for x in p.packets())
 
 
 def test_invalid_packet_closes_the_session(server):
@@ -290,24 +349,17 @@ def test_invalid_utf8_closes_the_session(server):
 
 def test_close_packet_releases_waiting_get_with_noop(server):
     p = Polling(server)
-    parked = {}
-    t = threading.Thread(target=lambda: parked.setdefault("r", p.get(timeout=10)))
-    t.start()
-    time.sleep(0.2)
+    parked = parked_get(server, p.sid)
     assert p.post("1").status_code == 200
-    t.join(5)
-    assert parked["r"].text == "6"
+    assert http_answer(parked) == (200, "6")
     assert p.get().status_code == 400
 
 
 def test_cancelled_long_poll_closes_the_session(server):
     p = Polling(server)
-    raw = socket.create_connection((server.host, server.port))
-    raw.sendall((f"GET /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
-                 f"Host: x\r\n\r\n").encode())
-    time.sleep(0.2)
+    raw = parked_get(server, p.sid)
     raw.close()
-    assert wait_until(lambda: p.get().status_code == 400, timeout=2)
+    assert wait_until(lambda: p.get().status_code == 400, timeout=10)
 
 
 def test_websocket_invalid_packet_closes(server):
@@ -322,3 +374,29 @@ def test_websocket_close_packet(server):
     ws.recv_message()
     ws.send_text("1")
     ws.expect_close()
+
+
+def test_a_long_poll_carries_at_most_16_packets(server):
+    # python-engineio refuses a payload of more; the rest waits for the next GET
+    talker = joined(server)
+    p = Polling(server)
+    p.post("40")
+    got = []
+    for _ in tries(30, "its login"):
+        if any(x.startswith(LOGIN) for x in got):
+            break
+        got += p.packets()
+    for i in range(40):
+        talker.send_text(f'42["msg",{{"msg":"m{i}"}}]')
+    for i in range(40):  # the talker's own copies: the poller's are queued by now
+        while '"m%d"' % i not in (m := talker.recv_message()):
+            assert m.startswith(LOGIN) or m == "2", m
+    sizes, texts = [], []
+    for _ in tries(30, "forty messages"):
+        if len(texts) >= 40:
+            break
+        packets = p.packets()
+        sizes.append(len(packets))
+        texts += [json.loads(x[2:])[1]["msg"] for x in packets if '"msg":"m' in x]
+    assert texts == [f"m{i}" for i in range(40)]
+    assert max(sizes) == 16, sizes

@@ -58,10 +58,38 @@ def test_cors_allowlist(make_server):
 
 
 def test_cors_any_origin(make_server):
+    # "*" lets any page connect, with credentials: so the origin is echoed (browsers refuse
+    # "*" with credentials), on every kind of request, and over WebSocket too.
     s = make_server("--cors-origin", "*")
-    r = requests.get(s.eio, params=HANDSHAKE, headers={"Origin": "https://anyone.example"}, timeout=5)
-    assert r.status_code == 200
-    assert cors_headers(r)["access-control-allow-origin"] == "https://anyone.example"
+    for origin in ("https://anyone.example", "http://localhost:8000"):
+        r = requests.get(s.eio, params=HANDSHAKE, headers={"Origin": origin}, timeout=5)
+        assert r.status_code == 200
+        h = cors_headers(r)
+        assert h["access-control-allow-origin"] == origin
+        assert h["access-control-allow-credentials"] == "true"
+        assert "Origin" in r.headers.get("Vary", "")
+        pre = requests.options(s.eio, params=HANDSHAKE, timeout=5, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert pre.status_code == 204
+        h = cors_headers(pre)
+        assert h["access-control-allow-origin"] == origin
+        assert h["access-control-allow-credentials"] == "true"
+        assert "POST" in h["access-control-allow-methods"]
+        assert h["access-control-allow-headers"] == "content-type"
+        sid = r.text.split('"sid":"')[1].split('"')[0]
+        post = requests.post(s.eio, params=dict(HANDSHAKE, sid=sid), data=b"40",
+                             headers={"Origin": origin}, timeout=5)
+        assert post.status_code == 200
+        assert cors_headers(post)["access-control-allow-credentials"] == "true"
+        ws = RawWS(s.host, s.port, "/socket.io/?EIO=4&transport=websocket",
+                   headers=f"Origin: {origin}\r\n")
+        assert ws.status == 101
+        assert ws.recv_message()[0] == "0"
+        ws.send_text("40")
+        assert ws.recv_message().startswith('40{"sid":"')
+        assert ws.recv_message().startswith('42["msg",{"username":')
+        ws.close()
 
 
 def test_path_flag(make_server, chatters):

@@ -109,9 +109,15 @@ def test_healthz_says_503_while_stopping(make_server):
     deaf = RawWS.engineio(s)
     deaf.recv_message()
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    answer = kept.recv(4096)
+    # asked again and again until the server notices the signal (the deaf client keeps
+    # it stopping for a second, CLOSE_LINGER_MS)
+    deadline = time.monotonic() + 5
+    while True:
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = kept.recv(4096)
+        if not answer.startswith(b"HTTP/1.1 200") or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert b"Connection: close" in answer
     deaf.close()

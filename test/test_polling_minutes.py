@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 SECONDS = float(os.environ.get("CHATROOM_POLL_SECONDS", "120"))
 
@@ -66,8 +66,13 @@ def test_polling_clients_chat_for_minutes(make_server, chatters):
                 py[k % 3].sio.emit("msg", {"action": "send msg", "msg": text, "sent": time.time() * 1000})
             said.append(text)
             k += 1
-            time.sleep(0.5)
-        time.sleep(1.5)
+            time.sleep(0.5)  # the pace of the chat
+
+        def got_all(got):
+            return sum(1 for _, m in got if isinstance(m, dict) and m.get("msg", "").startswith("m")) >= len(said)
+
+        assert wait_until(lambda: all(got_all(g) for g in (stamped(py[0]), stamped(py[1]), node.arrivals())),
+                          timeout=30), "not every message arrived"
         latencies = []
         lines = []
         for name, got in [("python 1", stamped(py[0])), ("python 2", stamped(py[1])),
@@ -88,6 +93,8 @@ def test_polling_clients_chat_for_minutes(make_server, chatters):
         out = ROOT / "test" / "artifacts"
         out.mkdir(exist_ok=True)
         (out / f"polling-latency-{os.path.basename(s.argv[0])}.txt").write_text("\n".join(lines) + "\n")
-        assert p99 < 100, "\n".join(lines)
+        # a GET that sat on a message until the next heartbeat would make it ~1 s late;
+        # the bound leaves room for a loaded machine and the sanitizer build
+        assert p99 < 400, "\n".join(lines)
     finally:
         node.close()

@@ -10,9 +10,7 @@ bench/attack.c runs the same attacks at full size, against Node too.
 import socket
 import time
 
-import requests
-
-from conftest import Polling, wait_until
+from conftest import Polling, server_has_read, wait_until
 
 ROOM = ("--max-clients", "20")
 HOLD = 300  # connections, from 60 addresses
@@ -37,7 +35,9 @@ def threads(pid):
         return int(next(line for line in f if line.startswith("Threads:")).split()[1])
 
 
-def newcomer_joins(server, within=2.0):
+def newcomer_joins(server, within=5.0):
+    # (locked out, a newcomer would wait for the 60 s header timeout; the bound leaves
+    # room for a loaded machine and the sanitizer build)
     """A polling handshake and a CONNECT to the room, timed."""
     start = time.monotonic()
     p = Polling(server, source="127.0.200.1")
@@ -55,7 +55,7 @@ def test_half_heads_hold_no_thread(make_server):
     s = make_server(*ROOM)
     before = threads(s.proc.pid)
     held = hold(s, HALF_HEAD)
-    time.sleep(0.3)
+    assert wait_until(lambda: server_has_read(*held), timeout=30)
     newcomer_joins(s)
     assert threads(s.proc.pid) == before
     for c in held:
@@ -86,7 +86,7 @@ def test_post_bodies_that_never_come_hold_no_thread(make_server):
     before = threads(s.proc.pid)
     held = hold(s, b"POST /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n"
                    b"Content-Length: 100000\r\n\r\n")
-    time.sleep(0.3)
+    assert wait_until(lambda: server_has_read(*held), timeout=30)
     newcomer_joins(s)
     assert threads(s.proc.pid) == before
     for c in held:
@@ -113,7 +113,7 @@ def test_a_head_must_arrive_within_the_header_timeout(make_server):
     s = make_server("--header-timeout", "1000")
     c = hold(s, HALF_HEAD, 1)[0]
     took, got = closed_after(c, 5)
-    assert 0.9 < took < 3, took
+    assert 0.9 < took < 5, took
     assert got.startswith(b"HTTP/1.1 408")
 
 
@@ -123,7 +123,7 @@ def test_a_body_must_keep_arriving(make_server):
     c = hold(s, (f"POST /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
                  f"Host: x\r\nContent-Length: 10\r\n\r\n40").encode(), 1)[0]
     took, got = closed_after(c, 5)
-    assert 0.9 < took < 3, took
+    assert 0.9 < took < 5, took
     assert got.startswith(b"HTTP/1.1 408")
 
 
@@ -147,7 +147,7 @@ def test_a_few_hundred_bytes_per_waiting_connection(make_server):
             c = socket.create_connection((s.host, s.port), source_address=(src, 0))
             c.sendall(HALF_HEAD)
             held.append(c)
-    time.sleep(0.5)
+    assert wait_until(lambda: server_has_read(*held), timeout=30)
     per = (rss_kib(s.proc.pid) - before) * 1024 / 1000
     limit = 4096 if "asan" in s.argv[0] else 1024
     print(f"{per:.0f} bytes a waiting connection")

@@ -10,7 +10,7 @@ import time
 
 import requests
 
-from conftest import BINARY, Polling, SourceAddress, wait_until
+from conftest import BINARY, Polling, SourceAddress, server_has_read, wait_until
 from rawws import Closed, RawWS
 from test_metrics import scrape, value
 from test_socketio import joined
@@ -33,7 +33,8 @@ def test_a_head_ending_lf_cr_lf_holds_no_worker(make_server):
         c = socket.create_connection((s.host, s.port), source_address=(f"127.0.3.{i + 1}", 0))
         c.sendall(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\nHost: x\n\r\n")
         held.append(c)
-    newcomer_joins(s, within=2.0)  # (held workers: about 10 s)
+    assert wait_until(lambda: server_has_read(*held), timeout=10)
+    newcomer_joins(s, within=2.5)  # (held workers: about 10 s)
     for c in held:  # to them the head is unfinished: the header timeout ends it
         c.settimeout(10)
         assert c.recv(100).startswith(b"HTTP/1.1 408")
@@ -174,7 +175,7 @@ def test_out_of_descriptors_the_oldest_waiting_head_makes_way(make_server):
             held.append(c)
         except OSError:
             pass
-    newcomer_joins(s, within=3.0)  # (without eviction: the 60 s header timeout)
+    newcomer_joins(s, within=5.0)  # (without eviction: the 60 s header timeout)
     for c in held:
         c.close()
 

@@ -7,6 +7,13 @@ import { startServer, recorder } from "./server.mjs";
 let server;
 const sockets = [];
 
+// Polls pred until it holds, at most ms milliseconds.
+async function until(pred, ms, what) {
+  for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 20)))
+    if (pred()) return;
+  throw new Error(`timed out: ${what}`);
+}
+
 before(async () => { server = await startServer(); });
 after(async () => {
   for (const s of sockets) s.disconnect();
@@ -34,8 +41,7 @@ test("each transport joins, its own login first, name_list in join order", async
   assert.equal(c.rec.msgs[0].username, c.nick);
   const last = await a.rec.wait((m) => m.action === "login" && m.username === c.nick);
   assert.deepEqual(last.name_list, [[a.nick, a.socket.id], [b.nick, b.socket.id], [c.nick, c.socket.id]]);
-  await new Promise((r) => setTimeout(r, 300));
-  assert.equal(c.socket.io.engine.transport.name, "websocket");
+  await until(() => c.socket.io.engine.transport.name === "websocket", 10000, "c upgraded");
 });
 
 test("messages are relayed to all with the sender's name; acks arrive", async () => {
@@ -76,8 +82,8 @@ test("twenty clients talking at once all see one order", async () => {
   await Promise.all(clients.map((c) => c.rec.wait((m) => m.username === lastNick)));
   const start = clients.map((c) => c.rec.msgs.length);
   clients.forEach((c, i) => { for (let k = 0; k < 10; k++) c.socket.emit("msg", { msg: `${i}:${k}` }); });
-  await Promise.all(clients.map((c) => c.rec.wait((m) => m.msg === "19:9", 10000)));
-  await new Promise((r) => setTimeout(r, 300));
+  await until(() => clients.every((c, i) => c.rec.msgs.slice(start[i]).filter((m) => m.msg).length >= 200),
+              20000, "everyone got all 200");
   const seqs = clients.map((c, i) => c.rec.msgs.slice(start[i]).filter((m) => m.msg).map((m) => m.msg));
   for (const s of seqs) assert.deepEqual(s, seqs[0]);
   assert.equal(seqs[0].length, 200);

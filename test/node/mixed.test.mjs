@@ -104,8 +104,9 @@ test("Engine.IO 3 and 4 clients and python-socketio chat in one room", async () 
 test("an Engine.IO 3 client upgrades from polling to WebSocket", async () => {
   const c = await v2(["polling", "websocket"]);
   await c.rec.wait((m) => m.action === "login");
-  await new Promise((r) => setTimeout(r, 500));
-  assert.equal(c.socket.io.engine.transport.name, "websocket");
+  for (const end = Date.now() + 10000; c.socket.io.engine.transport.name !== "websocket";
+       await new Promise((r) => setTimeout(r, 20)))
+    assert.ok(Date.now() < end, "it did not upgrade within 10 s");
   c.say("after the upgrade");
   await c.rec.wait((m) => m.msg === "after the upgrade");
 });

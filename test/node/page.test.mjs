@@ -9,7 +9,7 @@ import { mkdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { chromium } from "playwright-core";
-import { startServer } from "./server.mjs";
+import { killAll, startServer } from "./server.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const artifacts = path.join(here, "..", "artifacts");
@@ -24,7 +24,12 @@ before(async () => {
            "--disable-background-networking", "--disable-component-update", "--disable-sync"],
   });
 });
-after(async () => { await browser.close(); });
+const pythons = new Set();
+after(async () => {  // what a failed test left behind
+  for (const proc of pythons) proc.kill();
+  killAll();
+  await browser.close();
+});
 
 async function openPage(server, viewport = { width: 1280, height: 800 }) {
   const page = await browser.newPage({ viewport });
@@ -56,11 +61,14 @@ async function waitText(page, text, timeout = 10000) {
 function python(server) {
   const proc = spawn("/usr/bin/python3", [path.join(here, "python_chatter.py"), server.url, "websocket"],
                      { stdio: ["pipe", "pipe", "inherit"] });
+  pythons.add(proc);
+  proc.on("exit", () => pythons.delete(proc));
   const msgs = [];
   createInterface({ input: proc.stdout }).on("line", (l) => msgs.push(JSON.parse(l)));
   return {
     msgs,
     say: (t) => proc.stdin.write(`say ${t.replaceAll("\n", " ")}\n`),
+    send: (data) => proc.stdin.write(`json ${JSON.stringify(data)}\n`),
     async waitFor(pred, ms = 10000) {
       for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 20)))
         if (msgs.find(pred)) return msgs.find(pred);
@@ -91,9 +99,17 @@ test("two pages and a python client chat; the page lists who is online", async (
   py.say("hi from python");
   await waitText(a, "hi from python");
   await waitText(b, "hi from python");
-  assert.match(await b.textContent("#messages"), new RegExp(`${a.nick}.*joined|joined`));
+  const events = (p) => p.$$eval("#messages .event", (els) => els.map((e) => e.textContent));
+  assert.ok((await events(a)).includes(`${b.nick} joined`));
+  for (const p of [a, b]) assert.ok((await events(p)).includes(`${pyNick} joined`));
   py.quit();
-  await a.waitForFunction((n) => document.querySelector("#messages").textContent.includes(`${n} left`), pyNick);
+  // whoever leaves is said to have left, and is no longer listed as online
+  for (const p of [a, b]) {
+    await p.waitForFunction((n) => document.querySelector("#messages").textContent.includes(`${n} left`), pyNick);
+    await p.waitForFunction(() => document.querySelector("#people-count").textContent === "Online — 2");
+    const online = await p.$$eval("#people-list li", (l) => l.map((e) => e.textContent));
+    assert.deepEqual(online.map((t) => t.replace(" (you)", "")).sort(), [a.nick, b.nick].sort());
+  }
   assert.deepEqual([a.errors, b.errors], [[], []]);
   await a.close(); await b.close();
   await server.stop();
@@ -126,8 +142,12 @@ test("Enter sends, Shift+Enter breaks the line, empty is not sent, the box clear
   await a.fill("#input", "   \n  ");
   await a.press("#input", "Enter");
   await a.click("#send");
-  await a.waitForTimeout(300);
-  assert.deepEqual(await texts(a), ["line one\nline two"]);
+  // messages come back in the order they were sent: one sent after the empty one shows
+  // that the empty one was not
+  await a.fill("#input", "after");
+  await a.press("#input", "Enter");
+  await waitText(a, "after");
+  assert.deepEqual(await texts(a), ["line one\nline two", "after"]);
   await a.close();
   await server.stop();
 });
@@ -155,15 +175,11 @@ test("autoscroll: follows at the bottom, stays put when scrolled up, button jump
   await py.waitFor((m) => m.action === "login");
   for (let i = 0; i < 200; i++) py.say(`first batch ${i}`);
   await waitText(a, "first batch 199");
-  await a.waitForTimeout(100);
-  let s = await scrollState(a);
+  let s = await scrollState(a);  // each message scrolls as it is added: nothing to wait for
   assert.ok(s.atBottom && !s.button, JSON.stringify(s));  // followed every one of them
-  await a.$eval("#messages", (m) => { m.scrollTop = m.scrollHeight / 3; });
-  await a.waitForTimeout(100);
-  const readingAt = (await scrollState(a)).top;
+  const readingAt = await a.$eval("#messages", (m) => { m.scrollTop = m.scrollHeight / 3; return m.scrollTop; });
   for (let i = 0; i < 200; i++) py.say(`second batch ${i}`);
   await waitText(a, "second batch 199");
-  await a.waitForTimeout(100);
   s = await scrollState(a);
   assert.ok(Math.abs(s.top - readingAt) <= 1 && !s.atBottom, JSON.stringify(s)); // stayed
   assert.ok(s.button);                                                           // and says so
@@ -290,5 +306,78 @@ test("a screenshot with every nickname in name.txt, each legible", async () => {
   await page.screenshot({ path: path.join(artifacts, "page-every-name.png") });
   py.quit();
   await page.close();
+  await server.stop();
+});
+
+// The time of day a page shows for a timestamp: as the browser writes hours and minutes.
+function clockIn(page, t) {
+  return page.evaluate((t) => new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }), t);
+}
+
+test("the page asks for presence deltas and shows each message's time", async () => {
+  const server = await startServer();
+  const page = await browser.newPage();
+  const sent = [];
+  page.on("websocket", (ws) => ws.on("framesent", (f) => sent.push(String(f.payload))));
+  await page.goto(server.url + "/");
+  await page.waitForSelector("#me b");
+  const connect = sent.find((f) => f.startsWith("40"));
+  assert.ok(connect, JSON.stringify(sent));
+  assert.equal(JSON.parse(connect.slice(2)).presence, "delta");
+  const py = python(server);
+  await py.waitFor((m) => m.action === "login");
+  // the page's own messages carry their time, and show it
+  await say(page, "what time is it");
+  const mine = await py.waitFor((m) => m.msg === "what time is it");
+  assert.equal(typeof mine.time, "number");
+  assert.ok(Math.abs(mine.time - Date.now()) < 60000, `time ${mine.time}`);
+  const when = (text) => page.$$eval("#messages .msg", (els, t) => els.filter((e) => e.querySelector(".text").textContent === t)
+    .map((e) => e.querySelector(".when").textContent), text);
+  assert.deepEqual(await when("what time is it"), [await clockIn(page, mine.time)]);
+  // and so do others': the time in the message, not the time it arrived
+  const then = Date.now() - (3 * 3600 + 17 * 60) * 1000;
+  py.send({ action: "send msg", msg: "from the past", time: then });
+  await waitText(page, "from the past");
+  assert.deepEqual(await when("from the past"), [await clockIn(page, then)]);
+  assert.notEqual(await clockIn(page, then), await clockIn(page, Date.now()));
+  py.quit();
+  await page.close();
+  await server.stop();
+});
+
+test("the page loads nothing from the internet", async () => {
+  const server = await startServer("--history", "5");
+  const context = await browser.newContext();
+  const loopback = (url) => ["127.0.0.1", "localhost", "[::1]"].includes(new URL(url).hostname);
+  const outside = [];
+  await context.route("**/*", (route) => {
+    if (loopback(route.request().url())) return route.continue();
+    outside.push(route.request().url());
+    return route.abort();
+  });
+  const page = await context.newPage();
+  page.on("request", (r) => { if (!r.url().startsWith("data:") && !loopback(r.url())) outside.push(r.url()); });
+  page.on("websocket", (ws) => { if (!loopback(ws.url())) outside.push(ws.url()); });
+  await page.addInitScript(() => {
+    window.refused = [];
+    document.addEventListener("securitypolicyviolation", (e) => window.refused.push(`${e.violatedDirective} ${e.blockedURI}`));
+  });
+  const response = await page.goto(server.url + "/");
+  // and if anything ever tried, the page's Content-Security-Policy would refuse it
+  assert.match(response.headers()["content-security-policy"], /default-src 'none'/);
+  await page.waitForSelector("#me b");
+  const py = python(server);
+  await py.waitFor((m) => m.action === "login");
+  await say(page, "hello, offline world");
+  py.say("https://example.org/picture.png <img src=https://example.org/x.png>");
+  await waitText(page, "hello, offline world");
+  await waitText(page, "https://example.org/picture.png <img src=https://example.org/x.png>");
+  await page.reload();  // with history this time
+  await page.waitForSelector("#messages .divider");
+  await page.screenshot({ path: path.join(artifacts, "page-offline.png") });  // fonts, too
+  assert.deepEqual(outside, []);
+  assert.deepEqual(await page.evaluate(() => window.refused), []);
+  py.quit();
+  await context.close();
   await server.stop();
 });

@@ -68,9 +68,10 @@ test("one that does not come back is logged out when the window ends", async () 
   const b = await join({ transports: ["websocket"] });
   const gone = Date.now();
   a.socket.io.engine.close();
-  const out = await b.rec.wait((m) => m.action === "logout" && m.username === a.nick, 5000);
+  const out = await b.rec.wait((m) => m.action === "logout" && m.username === a.nick, 10000);
   const took = Date.now() - gone;
-  assert.ok(took >= 1900 && took < 4000, `logout after ${took} ms, the window is 2 s`);
+  // never before the window ends; after it, seconds to spare for a loaded machine
+  assert.ok(took >= 1900 && took < 6000, `logout after ${took} ms, the window is 2 s`);
   assert.ok(!out.name_list.some(([name]) => name === a.nick));
   a.socket.disconnect();
   b.socket.disconnect();

@@ -173,6 +173,7 @@ test-all: chatroom $(BUILD)/protocol-server $(BUILD)/chatroom-asan $(BUILD)/prot
       $(BUILD)/unit $(STATIC_BINARIES) $(BUILD)/loadgen
 	$(MAKE) --no-print-directory test/node_modules
 	$(BUILD)/unit
+	$(MAKE) --no-print-directory -j2 $(FUZZ_BINARIES)
 	$(MAKE) --no-print-directory fuzz-replay
 	$(MAKE) --no-print-directory test-python test-node CHATROOM=$(CURDIR)/chatroom \
 	        PROTOCOL_SERVER=$(CURDIR)/$(BUILD)/protocol-server

@@ -474,9 +474,9 @@ def test_a_login_reads_only_the_history_a_newcomer_can_get(make_server, redis):
     s = make_server("--redis", redis.url, "--inbound-rate", "0", "--queue-limit", "2000000")
     talker = Chatter(s)
     talker.nick
-    for i in range(50):
+    for i in range(50):  # one at a time: the talker's own echoes stay within its 2 MB queue
         talker.say(f"{i} " + "x" * 100_000)
-    talker.wait(lambda m: m.get("msg", "").startswith("49 "), timeout=30)
+        talker.wait(lambda m: m.get("msg", "").startswith(f"{i} "), timeout=30)
     before = redis_sent_bytes(redis)
     newcomer = Chatter(s)
     newcomer.nick

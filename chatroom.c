@@ -2285,6 +2285,49 @@ static struct session *session_find(const char *sid)
 static void session_close(struct session *s, const char *reason);
 static void session_end(struct session *s);
 
+/*
+ * A long-polling client that closes its session sends the close packet in a POST while
+ * its GET may still be on the way, on a connection of its own: which of the two reaches
+ * us first is chance. That GET was sent before the close, so it gets what it would have
+ * got had it come first, a noop, not "Session ID unknown". Such sessions are remembered
+ * for PARTED_GRACE_MS, at most PARTED_MAX at once (the oldest forgotten first), and each
+ * answers one late GET. room_lock guards them.
+ */
+#define PARTED_MAX      64
+#define PARTED_GRACE_MS 2000
+
+static struct parted {
+	char sid[SID_LEN + 1];
+	int eio;
+	bool b64;
+	int64_t until;
+} parted[PARTED_MAX];
+static unsigned parted_next;
+
+static void parted_remember(const struct session *s)
+{
+	struct parted *p = &parted[parted_next++ % PARTED_MAX];
+	memcpy(p->sid, s->sid, sizeof p->sid);
+	p->eio = s->eio;
+	p->b64 = s->b64;
+	p->until = now_ms() + PARTED_GRACE_MS;
+}
+
+/* Finds (and forgets) the closed session a late GET belongs to. */
+static bool parted_take(const char *sid, struct parted *out)
+{
+	int64_t now = now_ms();
+	for (int i = 0; i < PARTED_MAX; i++) {
+		struct parted *p = &parted[i];
+		if (p->sid[0] && p->until > now && strcmp(p->sid, sid) == 0) {
+			*out = *p;
+			p->sid[0] = 0;
+			return true;
+		}
+	}
+	return false;
+}
+
 static void unsettled_add(struct session *s)
 {
 	s->older = unsettled_newest;
@@ -2902,6 +2945,8 @@ static bool eio_receive(struct session *s, char type, const char *data, size_t l
 	bool message = binary || type == '4';
 	if (type == '1') {
 		s->closed_by_client = true;
+		if (s->transport == POLLING && !s->get_active)
+			parted_remember(s); /* its GET may still be on the way */
 		session_close(s, "transport close");
 	} else if (!eio_heard(s, binary ? '4' : type, data, len)) {
 		session_close(s, "invalid heartbeat direction");
@@ -4111,6 +4156,17 @@ static int eio_error_reply(struct mg_connection *c, enum eio_error code, const c
 	                 eio_error_text[code]);
 	return http_reply(c, code == E_FORBIDDEN ? 403 : 400, "application/json", headers, body,
 	                  (size_t)n);
+}
+
+/* A GET that the session's close overtook (see parted_remember): a noop. */
+static int poll_answer_noop(struct mg_connection *mc, int eio, bool b64, const char *headers)
+{
+	struct packet noop = {blob_of("6", 1), false};
+	struct gather body = {0};
+	bool binary = payload_gather(&body, eio, b64, &noop, 1);
+	blob_unref(noop.blob);
+	return http_send(mc, 200, binary ? "application/octet-stream" : "text/plain; charset=UTF-8",
+	                 headers, &body);
 }
 
 #if CIVETWEB_EMBEDDED
@@ -8195,6 +8251,11 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 
 	room_lock_acquire();
 	struct session *s = session_find(sid);
+	struct parted late;
+	if (!s && polling && strcmp(method, "GET") == 0 && parted_take(sid, &late)) {
+		room_unlock();
+		return poll_answer_noop(c, late.eio, late.b64, headers);
+	}
 	if (!s || !request_from_owner(c, s)) {
 		room_unlock();
 		return eio_error_reply(c, E_SID, headers);

@@ -2288,10 +2288,14 @@ static void session_end(struct session *s);
 /*
  * A long-polling client that closes its session sends the close packet in a POST while
  * its GET may still be on the way, on a connection of its own: which of the two reaches
- * us first is chance. That GET was sent before the close, so it gets what it would have
- * got had it come first, a noop, not "Session ID unknown". Such sessions are remembered
- * for PARTED_GRACE_MS, at most PARTED_MAX at once (the oldest forgotten first), and each
- * answers one late GET. room_lock guards them.
+ * us first is chance (node-fetch, for one, looks the host name up for each). A GET that
+ * was on its way before the POST's answer went out -- its request reached us before, or
+ * it is the first request of a connection that did -- cannot have been sent after it, so
+ * it gets what it would have got had it come first, a noop, not "Session ID unknown". A
+ * GET sent after the answer gets 400, as from Node. `arrivals` numbers new connections,
+ * requests and answers to closes as they happen, to tell the two apart. Closed sessions
+ * are remembered for at most PARTED_GRACE_MS, PARTED_MAX at once (the oldest forgotten
+ * first), and each answers one late GET. room_lock guards them.
  */
 #define PARTED_MAX      64
 #define PARTED_GRACE_MS 2000
@@ -2301,8 +2305,16 @@ static struct parted {
 	int eio;
 	bool b64;
 	int64_t until;
+	uint64_t answered; /* arrivals when its POST was answered; UINT64_MAX: not yet */
 } parted[PARTED_MAX];
 static unsigned parted_next;
+static uint64_t arrivals; /* connections, requests and answers to closes so far */
+
+/* When a request reached us: its number, and that of its connection if it is the
+ * connection's first request (else 0). */
+struct arrival {
+	uint64_t request, connection;
+};
 
 static void parted_remember(const struct session *s)
 {
@@ -2311,18 +2323,29 @@ static void parted_remember(const struct session *s)
 	p->eio = s->eio;
 	p->b64 = s->b64;
 	p->until = now_ms() + PARTED_GRACE_MS;
+	p->answered = UINT64_MAX;
 }
 
-/* Finds (and forgets) the closed session a late GET belongs to. */
-static bool parted_take(const char *sid, struct parted *out)
+/* The POST that closed the session is being answered: what reaches us now comes after. */
+static void parted_answered(const struct session *s)
+{
+	for (int i = 0; i < PARTED_MAX; i++)
+		if (parted[i].answered == UINT64_MAX && strcmp(parted[i].sid, s->sid) == 0)
+			parted[i].answered = ++arrivals;
+}
+
+/* Finds (and forgets) the closed session a GET belongs to, if that GET was on its way
+ * before the close was answered. */
+static bool parted_take(const char *sid, struct arrival a, struct parted *out)
 {
 	int64_t now = now_ms();
 	for (int i = 0; i < PARTED_MAX; i++) {
 		struct parted *p = &parted[i];
-		if (p->sid[0] && p->until > now && strcmp(p->sid, sid) == 0) {
+		if (p->sid[0] && strcmp(p->sid, sid) == 0) {
 			*out = *p;
 			p->sid[0] = 0;
-			return true;
+			bool before = a.request < p->answered || (a.connection && a.connection < p->answered);
+			return p->until > now && before;
 		}
 	}
 	return false;
@@ -3129,6 +3152,9 @@ struct conn {
 	struct session *order_s; /* the session whose requests go to workers one at a time */
 	uint32_t order_gen;
 	struct conn *next_waiting;
+	uint64_t opened;     /* its number in `arrivals` (see parted_remember) */
+	uint64_t arrival;    /* its current request's */
+	uint64_t requests;   /* how many it has carried, this one included */
 	struct session *post_s; /* the session whose POST it carries */
 	uint32_t post_gen;
 	int older, newer;    /* the list of connections waiting for a head, oldest first */
@@ -3375,6 +3401,7 @@ static void conn_open(int fd, const struct sockaddr_storage *ra, socklen_t ralen
 	bool over = peer < 0 || peers[peer].conns >= opt.conns_per_address;
 	if (!over)
 		peers[peer].conns++;
+	uint64_t opened = ++arrivals;
 	room_unlock();
 	struct conn *c = over || fd >= conn_fd_cap ? NULL : conn_alloc();
 	if (!c) {
@@ -3389,6 +3416,7 @@ static void conn_open(int fd, const struct sockaddr_storage *ra, socklen_t ralen
 	}
 	c->fd = fd;
 	c->peer = peer;
+	c->opened = opened;
 	memcpy(&c->rsa, ra, ralen < sizeof c->rsa ? ralen : sizeof c->rsa);
 	socklen_t llen = sizeof c->lsa;
 	getsockname(fd, &c->lsa.sa, &llen);
@@ -3508,6 +3536,8 @@ static void conn_to_worker(struct conn *c)
 	conn_set_state(c, C_WORKER);
 	conn_deadline(c, 0);
 	room_lock_acquire();
+	c->arrival = ++arrivals;
+	c->requests++;
 	struct session *s = head_session(c->in.p, c->head_len);
 	bool wait = false;
 	if (s) {
@@ -4333,6 +4363,8 @@ static int poll_post(struct mg_connection *mc, struct session *s, bool binary_bo
 #endif
 	if (malformed)
 		session_close(s, "parse error"); /* before answering: the next request sees it closed */
+	if (s->closed_by_client)
+		parted_answered(s);
 	s->users--;
 	session_release(s);
 	room_unlock();
@@ -5541,16 +5573,14 @@ static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int e
 	bool worker_waits = false;
 	int fd = -1, peer = -1;
 	struct buf early = {0};
-	if (mg_write(mc, head.p, head.len) == (int)head.len) {
-#if CIVETWEB_EMBEDDED
-		struct conn *c = conn_of_request(mc);
-		fd = c->fd;
-		conn_became_websocket(mc, c, &early, &peer);
+#if CIVETWEB_EMBEDDED /* the 101 goes out below, once the wire thread watches the socket */
+	struct conn *c = conn_of_request(mc);
+	fd = c->fd;
+	conn_became_websocket(mc, c, &early, &peer);
 #else
+	if (mg_write(mc, head.p, head.len) == (int)head.len)
 		fd = take_socket(mc, &worker_waits, &early);
 #endif
-	}
-	buf_free(&head);
 
 	room_lock_acquire();
 	if (sid) {
@@ -5572,6 +5602,7 @@ static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int e
 		if (fd >= 0 && !worker_waits)
 			close(fd);
 		buf_free(&early);
+		buf_free(&head);
 		http_close_after(mc);
 		return 101;
 	}
@@ -5604,6 +5635,18 @@ static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int e
 	struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | (ws->early ? EPOLLOUT : 0),
 	                         .data.u64 = epoll_tag(TAG_WS, ws->gen, ws->index)};
 	epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev);
+#if CIVETWEB_EMBEDDED
+	/* Only now the 101, still under room_lock, so that the wire thread does nothing with
+	 * the socket before it is out: what the client sends once it has read it ("2probe",
+	 * "5") is then read before anything the client sends later on another connection, as
+	 * a server with one thread would read them. A GET sent right after the upgrade finds
+	 * the session upgraded (400), not still polling. The head is small and the socket's
+	 * buffer empty: a short write means the client is gone, and the socket is shut so
+	 * that the wire thread, which owns it now, finds it closed and cleans up as usual. */
+	if (send(fd, head.p, head.len, MSG_NOSIGNAL) != (ssize_t)head.len)
+		shutdown(fd, SHUT_RDWR);
+#endif
+	buf_free(&head);
 	uint32_t gen = ws->gen;
 	while (worker_waits && ws->gen == gen && ws->state != WS_FREE) {
 		reap_doomed();
@@ -8203,6 +8246,20 @@ static bool request_from_owner(struct mg_connection *c, const struct session *s)
 	return strcmp(key, peers[s->peer].key) == 0;
 }
 
+/* When the request reached us (see parted_remember): as it reached the wire thread in
+ * make's build, now otherwise. room_lock held. */
+static struct arrival request_arrival(struct mg_connection *mc)
+{
+#if CIVETWEB_EMBEDDED
+	struct conn *c = conn_of_request(mc);
+	if (c)
+		return (struct arrival){c->arrival, c->requests == 1 ? c->opened : 0};
+#else
+	(void)mc;
+#endif
+	return (struct arrival){++arrivals, 0};
+}
+
 static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 {
 	const struct mg_request_info *ri = mg_get_request_info(c);
@@ -8252,7 +8309,7 @@ static int eio_http(struct mg_connection *c, const struct endpoint *ep)
 	room_lock_acquire();
 	struct session *s = session_find(sid);
 	struct parted late;
-	if (!s && polling && strcmp(method, "GET") == 0 && parted_take(sid, &late)) {
+	if (!s && polling && strcmp(method, "GET") == 0 && parted_take(sid, request_arrival(c), &late)) {
 		room_unlock();
 		return poll_answer_noop(c, late.eio, late.b64, headers);
 	}

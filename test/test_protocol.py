@@ -5,6 +5,7 @@ binary over polling, the upgrade and its edge cases, namespaces, acks text and b
 import concurrent.futures
 import json
 import os
+import socket
 import time
 
 import pytest
@@ -261,16 +262,45 @@ def test_client_close_answers_its_poll_with_noop_whichever_arrives_first(ps, eio
     assert parked.post("1").status_code == 200
     assert (waiting.result().status_code, parked.split(waiting.result().text)) == (200, ["6"])
     assert parked.get().status_code == 400
-    # the close overtook the GET: the late GET gets what it would have got, once
-    late = Session(ps, eio)
-    assert late.post("1").status_code == 200
-    r = late.get()
-    assert (r.status_code, late.split(r.text)) == (200, ["6"])
-    assert late.get().status_code == 400
+    # the close ahead of the GET: both connections opened first, the POST written first,
+    # the GET right behind it. The GET was on its way before the close was answered, so
+    # it gets what it would have got had it come first; one sent after the answer, on a
+    # kept-alive connection or a new one, gets 400, as from Node.
+    for fresh_after in (False, True):
+        late = Session(ps, eio)
+        q = f"{ps_path(late)}&sid={late.sid}"
+        body = late.frame("1").encode()
+        post, get = (socket.create_connection((ps.host, ps.port)) for _ in range(2))
+        post.sendall(f"POST {q} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        get.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert http_answer(post)[0] == 200
+        status, text = http_answer(get)
+        assert (status, late.split(text)) == (200, ["6"])
+        if fresh_after:
+            after = socket.create_connection((ps.host, ps.port))
+            after.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert http_answer(after)[0] == 400
+            after.close()
+        else:
+            assert late.get().status_code == 400
+        post.close()
+        get.close()
+    # sent after the answer, nothing on its way: 400 at once, on a new connection too
+    closed = Session(ps, eio)
+    assert closed.post("1").status_code == 200
+    after = socket.create_connection((ps.host, ps.port))
+    after.sendall(f"GET {ps_path(closed)}&sid={closed.sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert http_answer(after)[0] == 400
+    after.close()
     # a session the server ended gives nothing to a late GET
     ended = Session(ps, eio)
     assert ended.post(raw=b"garbage").status_code == 400
     assert ended.get().status_code == 400
+
+
+def ps_path(sess):
+    return f"{sess.path}?EIO={sess.eio}&transport=polling"
 
 
 @EIO

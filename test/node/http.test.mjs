@@ -80,3 +80,24 @@ test("fetch (undici), request after request", async () => {
     await bad.text();
   }
 });
+
+// The official Engine.IO suite's upgrade race: "2probe" and "5" go out the moment the
+// WebSocket opens, then at once a GET on a connection kept alive from before. A server
+// with one thread reads them in that order; chatroom must too (its wire thread watches the
+// socket before the 101 goes out), so the GET finds the session upgraded: 400, each time.
+test("a GET sent right after the upgrade finds it done", async () => {
+  const { default: WebSocket } = await import("../node_modules/ws/index.js");
+  const base = server.url.replace("http", "ws");
+  for (let i = 0; i < 200; i++) {
+    const sid = await session();
+    const ws = new WebSocket(`${base}/socket.io/?EIO=4&transport=websocket&sid=${sid}`);
+    const messages = [];
+    ws.on("message", (m) => messages.push(String(m)));
+    await new Promise((resolve, reject) => { ws.on("open", resolve); ws.on("error", reject); });
+    ws.send("2probe");
+    ws.send("5");
+    const late = await request("GET", `${EIO}&sid=${sid}`);
+    assert.equal(late.status, 400, `round ${i}: ${late.text}`);
+    ws.close();
+  }
+});

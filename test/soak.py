@@ -199,6 +199,7 @@ class Checker:
             time.sleep(0.05)
         if self.nick is None:
             raise RuntimeError(f"{label}: no login within 20 s")
+        self.sid = self.sio.get_sid("/")  # the one the server's log names
 
     def _on_msg(self, data):
         if not isinstance(data, dict):
@@ -803,9 +804,9 @@ def main():
     err_text = open(err_path, errors="replace").read()
     log_text = open(out_path, errors="replace").read()
     for c in checkers:
-        if c.disconnected and c.nick:  # what the server said about it (its join/leave log)
+        if c.disconnected:  # what the server said about it (its join and leave lines)
             for line in log_text.splitlines():
-                if f" {c.nick} (sid" in line:
+                if f"(sid {c.sid})" in line:
                     print(f"  server log for {c.label}: {line}")
     if SANITIZER.search(err_text):
         fail(f"the sanitizer reported (see {err_path}): {SANITIZER.search(err_text).group(0)}")

@@ -254,7 +254,9 @@ def test_slow_long_pollers_share_their_answers(make_server):
 def test_memory_budget_refuses_what_would_pass_it(make_server):
     # 60 clients each send 800 kB of a 900 kB frame and stop: 48 MB that only the budget
     # (32 MiB here) can refuse. Those past it are told to come back later (1013).
-    s = make_server("--max-memory", "32M", "--inbound-rate", "0")
+    # (no heartbeat or connect timeout ends anyone, however slow the machine makes this)
+    s = make_server("--max-memory", "32M", "--inbound-rate", "0", "--ping-interval", "3600000",
+                    "--connect-timeout", "3600000")
     bystander = joined(s, source="127.0.0.2")
     before = rss_kib(s.proc.pid)
     halves = []

@@ -2174,6 +2174,7 @@ struct session {
 	bool awaiting_pong, deadline_refreshed;
 	uint32_t gen;     /* counts the slot's reuses: stale epoll events are told apart */
 	bool closed_by_client; /* it sent a close packet: a parked GET gets noop, not close */
+	unsigned parted_serial; /* 1 + its serial among parted sessions, if remembered there */
 
 	/* closing */
 	bool doomed;
@@ -2306,6 +2307,7 @@ static struct parted {
 	bool b64;
 	int64_t until;
 	uint64_t answered; /* arrivals when its POST was answered; UINT64_MAX: not yet */
+	unsigned serial;   /* parted_next when it was remembered: tells reuses of the slot apart */
 } parted[PARTED_MAX];
 static unsigned parted_next;
 static uint64_t arrivals; /* connections, requests and answers to closes so far */
@@ -2316,22 +2318,27 @@ struct arrival {
 	uint64_t request, connection;
 };
 
-static void parted_remember(const struct session *s)
+/* Remembers the session; returns its serial, which parted_answered takes. */
+static unsigned parted_remember(const struct session *s)
 {
-	struct parted *p = &parted[parted_next++ % PARTED_MAX];
+	unsigned serial = parted_next++;
+	struct parted *p = &parted[serial % PARTED_MAX];
+	p->serial = serial;
 	memcpy(p->sid, s->sid, sizeof p->sid);
 	p->eio = s->eio;
 	p->b64 = s->b64;
 	p->until = now_ms() + PARTED_GRACE_MS;
 	p->answered = UINT64_MAX;
+	return serial;
 }
 
-/* The POST that closed the session is being answered: what reaches us now comes after. */
-static void parted_answered(const struct session *s)
+/* The answer to the POST that closed the session goes out: what reaches us from now on
+ * was sent after. */
+static void parted_answered(unsigned serial)
 {
-	for (int i = 0; i < PARTED_MAX; i++)
-		if (parted[i].answered == UINT64_MAX && strcmp(parted[i].sid, s->sid) == 0)
-			parted[i].answered = ++arrivals;
+	struct parted *p = &parted[serial % PARTED_MAX];
+	if (p->serial == serial && p->answered == UINT64_MAX)
+		p->answered = ++arrivals;
 }
 
 /* Finds (and forgets) the closed session a GET belongs to, if that GET was on its way
@@ -2968,8 +2975,8 @@ static bool eio_receive(struct session *s, char type, const char *data, size_t l
 	bool message = binary || type == '4';
 	if (type == '1') {
 		s->closed_by_client = true;
-		if (s->transport == POLLING && !s->get_active)
-			parted_remember(s); /* its GET may still be on the way */
+		if (s->transport == POLLING && !s->get_active) /* its GET may still be on the way */
+			s->parted_serial = parted_remember(s) + 1;
 		session_close(s, "transport close");
 	} else if (!eio_heard(s, binary ? '4' : type, data, len)) {
 		session_close(s, "invalid heartbeat direction");
@@ -3155,6 +3162,7 @@ struct conn {
 	uint64_t opened;     /* its number in `arrivals` (see parted_remember) */
 	uint64_t arrival;    /* its current request's */
 	uint64_t requests;   /* how many it has carried, this one included */
+	unsigned parted_serial; /* 1 + the serial of the session its POST closed, if any */
 	struct session *post_s; /* the session whose POST it carries */
 	uint32_t post_gen;
 	int older, newer;    /* the list of connections waiting for a head, oldest first */
@@ -3898,6 +3906,10 @@ static void conns_take_back(void)
 		list = c->next_back;
 		room_lock_acquire();
 		struct conn *next = conn_order_release(c);
+		if (c->parted_serial) { /* the answer to a close goes out now */
+			parted_answered(c->parted_serial - 1);
+			c->parted_serial = 0;
+		}
 		room_unlock();
 		if (c->back_gone)
 			conn_close(c); /* its socket is civetweb's or a WebSocket's now */
@@ -4363,8 +4375,14 @@ static int poll_post(struct mg_connection *mc, struct session *s, bool binary_bo
 #endif
 	if (malformed)
 		session_close(s, "parse error"); /* before answering: the next request sees it closed */
-	if (s->closed_by_client)
-		parted_answered(s);
+	if (s->parted_serial) { /* this POST closed it: its answer marks the moment */
+#if CIVETWEB_EMBEDDED
+		c->parted_serial = s->parted_serial; /* when the wire thread starts writing it */
+#else
+		parted_answered(s->parted_serial - 1);
+#endif
+		s->parted_serial = 0;
+	}
 	s->users--;
 	session_release(s);
 	room_unlock();
@@ -5599,6 +5617,10 @@ static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int e
 		}
 		ws_release_slot(ws);
 		room_unlock();
+#if CIVETWEB_EMBEDDED /* as the other build does: the 101, then the socket closes */
+		if (fd >= 0 && send(fd, head.p, head.len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+			(void)0; /* the client is gone: nothing to tell it */
+#endif
 		if (fd >= 0 && !worker_waits)
 			close(fd);
 		buf_free(&early);
@@ -5636,10 +5658,10 @@ static int ws_upgrade(struct mg_connection *mc, const struct endpoint *ep, int e
 	                         .data.u64 = epoll_tag(TAG_WS, ws->gen, ws->index)};
 	epoll_ctl(wire_epfd, EPOLL_CTL_ADD, fd, &ev);
 #if CIVETWEB_EMBEDDED
-	/* Only now the 101, still under room_lock, so that the wire thread does nothing with
-	 * the socket before it is out: what the client sends once it has read it ("2probe",
-	 * "5") is then read before anything the client sends later on another connection, as
-	 * a server with one thread would read them. A GET sent right after the upgrade finds
+	/* Only now the 101, still under room_lock, which everything the wire thread does with
+	 * the client's packets and its queue needs: what the client sends once it has read
+	 * the 101 ("2probe", "5") is then read before anything it sends later on another
+	 * connection, as a server with one thread would read them. A GET sent right after the upgrade finds
 	 * the session upgraded (400), not still polling. The head is small and the socket's
 	 * buffer empty: a short write means the client is gone, and the socket is shut so
 	 * that the wire thread, which owns it now, finds it closed and cleans up as usual. */
@@ -8246,8 +8268,9 @@ static bool request_from_owner(struct mg_connection *c, const struct session *s)
 	return strcmp(key, peers[s->peer].key) == 0;
 }
 
-/* When the request reached us (see parted_remember): as it reached the wire thread in
- * make's build, now otherwise. room_lock held. */
+/* When the request reached us (see parted_remember): as it reached the wire thread, in
+ * make's build; the other cannot tell, and takes any late GET for one on its way (a noop
+ * within the grace). room_lock held. */
 static struct arrival request_arrival(struct mg_connection *mc)
 {
 #if CIVETWEB_EMBEDDED
@@ -8257,7 +8280,7 @@ static struct arrival request_arrival(struct mg_connection *mc)
 #else
 	(void)mc;
 #endif
-	return (struct arrival){++arrivals, 0};
+	return (struct arrival){0, 0}; /* Debian's libcivetweb cannot tell: "before" */
 }
 
 static int eio_http(struct mg_connection *c, const struct endpoint *ep)

@@ -3103,12 +3103,25 @@ static uint64_t epoll_tag(int kind, uint32_t gen, int index)
  *
  * Deadlines, as Node and nginx have them: a head must arrive within --header-timeout; an
  * idle keep-alive connection waits KEEP_ALIVE_MS; a body, and an answer, must keep
- * moving. When the table is full, the connection that has waited longest for a head
+ * moving. Each is stretched by up to a quarter, at random (stretched): thousands of
+ * connections opened in one burst would otherwise expire in one, and if their clients
+ * come straight back, the handshakes of that second burst queue ahead of everyone
+ * else's. When the table is full, the connection that has waited longest for a head
  * makes way for the new one.
  *
  * A conn is the wire thread's, except while a worker has it (C_WORKER). The hand-back
  * list crosses threads and is guarded by room_lock, as are peers and sessions.
  */
+/* ms plus up to a quarter more, at random. Wire thread (its generator is not shared). */
+static int64_t stretched(int64_t ms)
+{
+	static uint64_t x;
+	if (!x)
+		random_bytes(&x, sizeof x);
+	x ^= x << 13, x ^= x >> 7, x ^= x << 17; /* xorshift64: x never becomes 0 */
+	return x ? ms + (int64_t)(x % (uint64_t)(ms / 4 + 1)) : ms;
+}
+
 enum conn_state {
 	C_FREE,
 	C_HEAD,    /* waiting for a request head: a new connection, or idle between requests */
@@ -3432,7 +3445,7 @@ static void conn_open(int fd, const struct sockaddr_storage *ra, socklen_t ralen
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
 	atomic_store_explicit(&conn_by_fd[fd], c->index + 1, memory_order_release);
-	conn_wait_head(c, now_ms() + opt.header_timeout);
+	conn_wait_head(c, now_ms() + stretched(opt.header_timeout));
 }
 
 static void conn_start_answer(struct conn *c);
@@ -3666,7 +3679,7 @@ static void conn_advance(struct conn *c)
 			return;
 		if (!c->request_at) { /* an idle connection's next request: its head has a deadline */
 			c->request_at = now;
-			conn_deadline(c, now + opt.header_timeout);
+			conn_deadline(c, now + stretched(opt.header_timeout));
 		}
 		/* a head sent a byte at a time is scanned once, not once a byte */
 		size_t have = c->in.len < HEAD_MAX ? c->in.len : HEAD_MAX;
@@ -3698,7 +3711,7 @@ static void conn_advance(struct conn *c)
 	if (c->in.len >= c->head_len + c->body_len)
 		conn_to_worker(c);
 	else
-		conn_deadline(c, now + body_stall_ms()); /* it moves: so does the stall deadline */
+		conn_deadline(c, now + stretched(body_stall_ms())); /* it moves: so does the stall deadline */
 }
 
 /* The socket is readable. Reads at most what the request may still need (a head of
@@ -3758,7 +3771,7 @@ static void conn_answered(struct conn *c)
 		return;
 	}
 	conn_in_consume(c);
-	conn_wait_head(c, now_ms() + KEEP_ALIVE_MS);
+	conn_wait_head(c, now_ms() + stretched(KEEP_ALIVE_MS));
 	conn_advance(c); /* the next request may be here already */
 }
 

@@ -7,6 +7,7 @@ that the server's threads did not multiply. A room of 20 keeps the old model's w
 pool small (20 places plus a margin), so that these would have locked it out for seconds.
 bench/attack.c runs the same attacks at full size, against Node too.
 """
+import selectors
 import socket
 import time
 
@@ -125,6 +126,28 @@ def test_a_body_must_keep_arriving(make_server):
     took, got = closed_after(c, 5)
     assert 0.9 < took < 5, took
     assert got.startswith(b"HTTP/1.1 408")
+
+
+def test_a_burst_of_connections_does_not_expire_in_one(make_server):
+    # 100 half heads sent at once: their header timeouts are stretched by up to a quarter
+    # at random, so they end over about 250 ms rather than together (a burst of clients
+    # that come straight back would queue their handshakes ahead of everyone else's).
+    s = make_server("--header-timeout", "1000")
+    held = hold(s, HALF_HEAD, 100)
+    assert wait_until(lambda: server_has_read(*held), timeout=10)
+    sel = selectors.DefaultSelector()
+    for c in held:
+        sel.register(c, selectors.EVENT_READ)
+    ended = []
+    deadline = time.monotonic() + 10
+    while len(ended) < len(held) and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=1):
+            ended.append(time.monotonic())
+            sel.unregister(key.fileobj)
+    assert len(ended) == len(held)
+    assert max(ended) - min(ended) > 0.1, max(ended) - min(ended)  # uniform: about 0.25 s
+    for c in held:
+        c.close()
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_5_seconds(server):

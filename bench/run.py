@@ -8,6 +8,7 @@ and does the same with the other one. At the end one table compares them.
     make bench                      # everything, about ten minutes
     python3 bench/run.py --only fanout-100x100,join-1000
     python3 bench/run.py --quick    # shorter runs, for trying things out
+    python3 bench/run.py --chatroom /tmp/old/chatroom --servers chatroom   # an older build
 
 Both servers run without chat history and without flood or inbound rate limits (Node's has
 none), and with the same heartbeat (25 s / 20 s). The clients come from many loopback
@@ -136,16 +137,29 @@ def settle(pid, timeout=30):
         last = now
 
 
+CHATROOM = os.path.join(ROOT, "chatroom")  # --chatroom: another build, for before and after
+
+
+def known_flags(binary):
+    """The flags a build lists in its --help: an older one (a before/after run) may lack
+    some, which are then left out."""
+    text = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    return {word.rstrip(",") for word in text.split() if word.startswith("--")}
+
+
 def start_chatroom(port, scenario, redis=None):
-    cmd = [os.path.join(ROOT, "chatroom"), "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+    cmd = [CHATROOM, "--host", "127.0.0.1", "--port", str(port), "--quiet"]
     if redis:
         cmd += ["--redis", redis]
     if scenario.defaults:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Room just big enough, as someone running this many clients would configure it.
-    cmd += ["--max-clients", str(max(scenario.clients, 100)), "--flood-limit", "0",
-            "--inbound-rate", "0", "--history", "0"] + scenario.chatroom_args
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = [("--max-clients", str(max(scenario.clients, 100))), ("--flood-limit", "0"),
+             ("--inbound-rate", "0"), ("--history", "0")]
+    flags = known_flags(CHATROOM)
+    cmd += [x for flag, value in extra if flag in flags for x in (flag, value)]
+    return subprocess.Popen(cmd + scenario.chatroom_args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def start_node(port, scenario, redis=None):
@@ -322,7 +336,11 @@ def main():
                     ", ".join(s.key for s in SCENARIOS))
     ap.add_argument("--servers", default="chatroom,node")
     ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--chatroom", help="the chatroom binary to run (default: ./chatroom)")
     args = ap.parse_args()
+    if args.chatroom:
+        global CHATROOM
+        CHATROOM = os.path.abspath(args.chatroom)
     chosen = SCENARIOS
     if args.only:
         keys = args.only.split(",")

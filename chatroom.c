@@ -5373,14 +5373,16 @@ static void wire_ws_event(uint32_t gen, int index, uint32_t events)
 	}
 }
 
-/* Anything still going out or coming in at shutdown? */
+/* Anything still going out or coming in at shutdown? A request a worker has is too: it
+ * reached us before we stopped, and is answered (503 from /healthz, say) before we go. */
 static bool wire_busy(void)
 {
 	if (ws_in_use)
 		return true;
 #if CIVETWEB_EMBEDDED
 	for (int i = 0; i < conns_high; i++)
-		if (conns[i].state == C_WRITING || conns[i].state == C_LINGER)
+		if (conns[i].state == C_WRITING || conns[i].state == C_LINGER ||
+		    conns[i].state == C_WORKER)
 			return true;
 #endif
 	return false;

@@ -400,3 +400,40 @@ def test_a_long_poll_carries_at_most_16_packets(server):
         texts += [json.loads(x[2:])[1]["msg"] for x in packets if '"msg":"m' in x]
     assert texts == [f"m{i}" for i in range(40)]
     assert max(sizes) == 16, sizes
+
+
+def test_a_get_on_its_way_when_the_client_closes_gets_noop(server):
+    # The chat server, as the protocol server (test_protocol.py): the close packet's POST a
+    # hair ahead of the GET, on two connections opened first. The GET was on its way
+    # before the close was answered: noop. Sent after the answer, on a kept-alive
+    # connection or a new one: 400, as from Node.
+    for fresh_after in (False, True):
+        p = Polling(server)
+        q = f"/socket.io/?EIO=4&transport=polling&sid={p.sid}"
+        post, get = (socket.create_connection((server.host, server.port)) for _ in range(2))
+        post.sendall(f"POST {q} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                     f"Content-Length: 1\r\n\r\n1".encode())
+        get.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert http_answer(post)[0] == 200
+        assert http_answer(get) == (200, "6")
+        if fresh_after:
+            after = socket.create_connection((server.host, server.port))
+            after.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert http_answer(after)[0] == 400
+            after.close()
+        else:
+            assert p.get().status_code == 400
+        post.close()
+        get.close()
+    # nothing on its way: the GET after the answer is 400, even the first one
+    for fresh in (False, True):
+        p = Polling(server)
+        assert p.post("1").status_code == 200
+        if fresh:
+            after = socket.create_connection((server.host, server.port))
+            after.sendall(f"GET /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
+                          f"Host: x\r\n\r\n".encode())
+            assert http_answer(after)[0] == 400
+            after.close()
+        else:
+            assert p.get().status_code == 400

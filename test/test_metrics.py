@@ -99,7 +99,9 @@ def test_metrics_on_a_port_of_their_own(make_server):
     assert Polling(s).sid  # the chat is where it was
 
 
-def test_healthz_says_503_while_stopping(make_server):
+def healthz_while_stopping(make_server):
+    """The answers of a kept-alive connection that asks /healthz again and again while the
+    server stops; the last one is what came once the server noticed (b"" if it was gone)."""
     s = make_server()
     kept = socket.create_connection((s.host, s.port))
     kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -110,7 +112,7 @@ def test_healthz_says_503_while_stopping(make_server):
     deaf.recv_message()
     s.proc.send_signal(signal.SIGTERM)
     # asked again and again until the server notices the signal (the deaf client keeps
-    # it stopping for a second, CLOSE_LINGER_MS)
+    # it stopping for half a second, CLOSE_LINGER_MS / 2)
     deadline = time.monotonic() + 5
     while True:
         kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -118,6 +120,18 @@ def test_healthz_says_503_while_stopping(make_server):
         if not answer.startswith(b"HTTP/1.1 200") or time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    assert answer.startswith(b"HTTP/1.1 503"), answer
-    assert b"Connection: close" in answer
     deaf.close()
+    return answer
+
+
+def test_healthz_says_503_while_stopping(make_server):
+    # On a loaded machine the test may not get a request in during the half second the
+    # server stops (it once found the server gone): up to three servers are tried, and
+    # one must say 503. A server that never says it fails all three.
+    answers = []
+    for _ in range(3):
+        answers.append(healthz_while_stopping(make_server))
+        if answers[-1].startswith(b"HTTP/1.1 503"):
+            break
+    assert answers[-1].startswith(b"HTTP/1.1 503"), answers
+    assert b"Connection: close" in answers[-1]

@@ -129,10 +129,9 @@ def test_get_during_upgrade_gets_noop(server):
     ws.close()
 
 
-def test_nothing_lost_or_reordered_across_upgrade(server, chatters):
-    """Messages broadcast while a client upgrades reach it exactly once, in order,
-    partly by polling and partly by WebSocket."""
-    talker = chatters(server, transports=["websocket"])
+def polling_member(server):
+    """A long-polling client that has joined: its session, and the packets it has read up
+    to its own login."""
     p = Polling(server)
     p.post("40")
     got = []
@@ -140,6 +139,14 @@ def test_nothing_lost_or_reordered_across_upgrade(server, chatters):
         if any(x.startswith(LOGIN) for x in got):
             break
         got += p.packets()
+    return p, got
+
+
+def test_nothing_lost_or_reordered_across_upgrade(server, chatters):
+    """Messages broadcast while a client upgrades reach it exactly once, in order,
+    partly by polling and partly by WebSocket."""
+    talker = chatters(server, transports=["websocket"])
+    p, got = polling_member(server)
     for i in range(20):
         talker.say(f"before {i}")
     ws = RawWS.engineio(server, f"EIO=4&transport=websocket&sid={p.sid}")
@@ -379,13 +386,7 @@ def test_websocket_close_packet(server):
 def test_a_long_poll_carries_at_most_16_packets(server):
     # python-engineio refuses a payload of more; the rest waits for the next GET
     talker = joined(server)
-    p = Polling(server)
-    p.post("40")
-    got = []
-    for _ in tries(30, "its login"):
-        if any(x.startswith(LOGIN) for x in got):
-            break
-        got += p.packets()
+    p, got = polling_member(server)
     for i in range(40):
         talker.send_text(f'42["msg",{{"msg":"m{i}"}}]')
     for i in range(40):  # the talker's own copies: the poller's are queued by now

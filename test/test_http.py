@@ -23,18 +23,23 @@ def cors_headers(r):
     return {k.lower(): v for k, v in r.headers.items() if k.lower().startswith("access-control")}
 
 
+def preflight_allows(s, origin):
+    """A browser's preflight for a POST from origin is answered and allows it."""
+    pre = requests.options(s.eio, params=HANDSHAKE, timeout=5, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert pre.status_code == 204
+    h = cors_headers(pre)
+    assert h["access-control-allow-origin"] == origin
+    assert h["access-control-allow-credentials"] == "true"
+    assert "POST" in h["access-control-allow-methods"]
+    assert h["access-control-allow-headers"] == "content-type"
+
+
 def test_cors_allowlist(make_server):
     s = make_server("--cors-origin", "https://a.example", "--cors-origin", "http://b.example:8080")
     for origin in ("https://a.example", "http://b.example:8080"):
-        pre = requests.options(s.eio, params=HANDSHAKE, timeout=5, headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type"})
-        assert pre.status_code == 204
-        h = cors_headers(pre)
-        assert h["access-control-allow-origin"] == origin
-        assert h["access-control-allow-credentials"] == "true"
-        assert "POST" in h["access-control-allow-methods"]
-        assert h["access-control-allow-headers"] == "content-type"
+        preflight_allows(s, origin)
         r = requests.get(s.eio, params=HANDSHAKE, headers={"Origin": origin}, timeout=5)
         assert cors_headers(r)["access-control-allow-origin"] == origin
         sid = r.text.split('"sid":"')[1].split('"')[0]
@@ -68,15 +73,7 @@ def test_cors_any_origin(make_server):
         assert h["access-control-allow-origin"] == origin
         assert h["access-control-allow-credentials"] == "true"
         assert "Origin" in r.headers.get("Vary", "")
-        pre = requests.options(s.eio, params=HANDSHAKE, timeout=5, headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type"})
-        assert pre.status_code == 204
-        h = cors_headers(pre)
-        assert h["access-control-allow-origin"] == origin
-        assert h["access-control-allow-credentials"] == "true"
-        assert "POST" in h["access-control-allow-methods"]
-        assert h["access-control-allow-headers"] == "content-type"
+        preflight_allows(s, origin)
         sid = r.text.split('"sid":"')[1].split('"')[0]
         post = requests.post(s.eio, params=dict(HANDSHAKE, sid=sid), data=b"40",
                              headers={"Origin": origin}, timeout=5)

@@ -333,6 +333,9 @@ test("the page asks for presence deltas and shows each message's time", async ()
   assert.ok(Math.abs(mine.time - Date.now()) < 60000, `time ${mine.time}`);
   const when = (text) => page.$$eval("#messages .msg", (els, t) => els.filter((e) => e.querySelector(".text").textContent === t)
     .map((e) => e.querySelector(".when").textContent), text);
+  // (the page may show it a moment after the python client has it)
+  await page.waitForFunction((t) => [...document.querySelectorAll("#messages .msg .text")]
+    .some((e) => e.textContent === t), "what time is it");
   assert.deepEqual(await when("what time is it"), [await clockIn(page, mine.time)]);
   // and so do others': the time in the message, not the time it arrived
   const then = Date.now() - (3 * 3600 + 17 * 60) * 1000;

@@ -61,7 +61,9 @@ $(BUILD)/protocol-server-asan: test/protocol-server.c $(SOURCES) $(CIVETWEB_C) |
 $(BUILD)/unit: test/unit.c $(SOURCES) $(CIVETWEB_C) | check-deps
 	$(CC) $(WARNINGS) -O1 -g $(SANITIZE) $(EMBED) -pthread -o $@ test/unit.c $(LIBS)
 
-$(CIVETWEB_C):
+# Sources are fetched after check-deps: on a fresh machine it installs dpkg-dev and adds
+# the deb-src entries that apt-get source needs.
+$(CIVETWEB_C): | check-deps
 	@.ci/fetch-source civetweb $(CIVETWEB_SRC)
 
 check-deps:
@@ -140,10 +142,10 @@ $(BUILD)/chatroom-%: $(SOURCES) $(CIVETWEB_C) $(JANSSON_SRC)/src/load.c $(HIREDI
 	    -I$(JANSSON_SRC)/src -pthread -o $@ chatroom.c $(BUILD)/static-$*/*.o
 	$(call cross,$*)strip $@
 
-$(JANSSON_SRC)/src/load.c:
+$(JANSSON_SRC)/src/load.c: | check-deps
 	@.ci/fetch-source jansson $(JANSSON_SRC)
 
-$(HIREDIS_SRC)/hiredis.c:
+$(HIREDIS_SRC)/hiredis.c: | check-deps
 	@.ci/fetch-source hiredis $(HIREDIS_SRC)
 
 # ---- install --------------------------------------------------------------------------

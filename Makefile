@@ -67,7 +67,7 @@ $(CIVETWEB_C): | check-deps
 	@.ci/fetch-source civetweb $(CIVETWEB_SRC)
 
 check-deps:
-	@CC=$(CC) .ci/install-deps --if-missing build
+	@CC="$(CC)" CIVETWEB_SRC="$(CIVETWEB_SRC)" .ci/install-deps --if-missing build
 
 run: chatroom
 	./chatroom
@@ -240,7 +240,7 @@ $(BUILD)/fuzz/%: test/fuzz/fuzz_%.c test/fuzz/fuzz.h $(SOURCES) $(CIVETWEB_C) | 
 
 fuzz-deps:
 	@echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' | \
-	    $(FUZZ_CC) -fsanitize=fuzzer -x c - -o /dev/null 2>/dev/null || { echo "chatroom: fuzzing needs clang and its libFuzzer runtime. Fix: sudo apt-get install clang libclang-rt-14-dev"; exit 1; }
+	    $(FUZZ_CC) -fsanitize=fuzzer -x c - -o /dev/null 2>/dev/null || { echo "chatroom: fuzzing needs clang and its libFuzzer runtime. Fix: sudo apt-get install clang libclang-rt-dev"; exit 1; }
 
 # ---- soak ------------------------------------------------------------------------------
 # make soak [SOAK_MINUTES=2]: runs the ASan+UBSan build and then ./chatroom, SOAK_MINUTES

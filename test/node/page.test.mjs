@@ -5,7 +5,7 @@ import { test, after, before } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
-import { mkdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -14,7 +14,9 @@ import { killAll, startServer } from "./server.mjs";
 const here = path.dirname(fileURLToPath(import.meta.url));
 const artifacts = path.join(here, "..", "artifacts");
 mkdirSync(artifacts, { recursive: true });
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+// Debian's chromium, or Ubuntu's (a snap, which chromium-browser installs)
+const CHROMIUM = process.env.CHROMIUM ||
+  ["/usr/bin/chromium", "/snap/bin/chromium"].find((p) => existsSync(p)) || "/usr/bin/chromium";
 let browser;
 
 before(async () => {

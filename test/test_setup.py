@@ -139,3 +139,12 @@ def test_with_everything_installed_the_check_says_nothing(what, tmp_path):
     r = subprocess.run([str(ROOT / ".ci/install-deps"), "--if-missing", what],
                        capture_output=True, text=True, timeout=120, env=env)
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_fetching_a_source_never_replaces_a_folder_that_is_not_empty(tmp_path):
+    # a mistyped CIVETWEB_SRC=~ must not cost anyone their home folder
+    (tmp_path / "notes.txt").write_text("mine")
+    r = subprocess.run([str(ROOT / ".ci/fetch-source"), "civetweb", str(tmp_path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and (tmp_path / "notes.txt").read_text() == "mine"
+    assert r.stderr.count("\n") == 1 and "make CIVETWEB_SRC=/path/to/civetweb" in r.stderr

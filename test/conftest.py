@@ -191,6 +191,26 @@ def parked_get(server, sid, eio=4, path="/socket.io/"):
     return sock
 
 
+def close_overtaking_get(server, query, close_body):
+    """A long-polling client's close packet POSTed a hair ahead of its GET (the race the
+    official suites run): both connections opened first, the POST written first, the GET
+    right behind it. `query` is the path and query string with the sid; returns the two
+    answers, (status, body) each."""
+    post, get = (socket.create_connection((server.host, server.port)) for _ in range(2))
+    with post, get:
+        post.sendall(f"POST {query} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                     f"Content-Length: {len(close_body)}\r\n\r\n".encode() + close_body)
+        get.sendall(f"GET {query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return http_answer(post), http_answer(get)
+
+
+def get_on_a_new_connection(server, query):
+    """(status, body) of a GET of `query` sent on a connection of its own."""
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(f"GET {query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return http_answer(sock)
+
+
 def http_answer(sock, timeout=10.0):
     """(status, body) of one answer read from sock; the body as text."""
     sock.settimeout(timeout)

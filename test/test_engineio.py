@@ -7,7 +7,8 @@ import time
 import pytest
 import requests
 
-from conftest import Polling, http_answer, parked_get, server_has_read, tries, wait_until
+from conftest import (Polling, close_overtaking_get, get_on_a_new_connection, http_answer, parked_get,
+                      server_has_read, tries, wait_until)
 from rawws import Closed, RawWS
 from test_socketio import joined
 
@@ -411,30 +412,19 @@ def test_a_get_on_its_way_when_the_client_closes_gets_noop(server):
     for fresh_after in (False, True):
         p = Polling(server)
         q = f"/socket.io/?EIO=4&transport=polling&sid={p.sid}"
-        post, get = (socket.create_connection((server.host, server.port)) for _ in range(2))
-        post.sendall(f"POST {q} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
-                     f"Content-Length: 1\r\n\r\n1".encode())
-        get.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert http_answer(post)[0] == 200
-        assert http_answer(get) == (200, "6")
+        post, get = close_overtaking_get(server, q, b"1")
+        assert post[0] == 200
+        assert get == (200, "6")
         if fresh_after:
-            after = socket.create_connection((server.host, server.port))
-            after.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            assert http_answer(after)[0] == 400
-            after.close()
+            assert get_on_a_new_connection(server, q)[0] == 400
         else:
             assert p.get().status_code == 400
-        post.close()
-        get.close()
     # nothing on its way: the GET after the answer is 400, even the first one
     for fresh in (False, True):
         p = Polling(server)
         assert p.post("1").status_code == 200
         if fresh:
-            after = socket.create_connection((server.host, server.port))
-            after.sendall(f"GET /socket.io/?EIO=4&transport=polling&sid={p.sid} HTTP/1.1\r\n"
-                          f"Host: x\r\n\r\n".encode())
-            assert http_answer(after)[0] == 400
-            after.close()
+            q = f"/socket.io/?EIO=4&transport=polling&sid={p.sid}"
+            assert get_on_a_new_connection(server, q)[0] == 400
         else:
             assert p.get().status_code == 400

@@ -5,13 +5,12 @@ binary over polling, the upgrade and its edge cases, namespaces, acks text and b
 import concurrent.futures
 import json
 import os
-import socket
 import time
 
 import pytest
 import requests
 
-from conftest import ROOT, Server, http_answer, parked_get
+from conftest import ROOT, Server, close_overtaking_get, get_on_a_new_connection, http_answer, parked_get
 from rawws import RawWS
 
 PROTOCOL_SERVER = os.environ.get("PROTOCOL_SERVER") or str(ROOT / "build" / "protocol-server")
@@ -269,30 +268,17 @@ def test_client_close_answers_its_poll_with_noop_whichever_arrives_first(ps, eio
     for fresh_after in (False, True):
         late = Session(ps, eio)
         q = f"{ps_path(late)}&sid={late.sid}"
-        body = late.frame("1").encode()
-        post, get = (socket.create_connection((ps.host, ps.port)) for _ in range(2))
-        post.sendall(f"POST {q} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        get.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert http_answer(post)[0] == 200
-        status, text = http_answer(get)
+        post, (status, text) = close_overtaking_get(ps, q, late.frame("1").encode())
+        assert post[0] == 200
         assert (status, late.split(text)) == (200, ["6"])
         if fresh_after:
-            after = socket.create_connection((ps.host, ps.port))
-            after.sendall(f"GET {q} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            assert http_answer(after)[0] == 400
-            after.close()
+            assert get_on_a_new_connection(ps, q)[0] == 400
         else:
             assert late.get().status_code == 400
-        post.close()
-        get.close()
     # sent after the answer, nothing on its way: 400 at once, on a new connection too
     closed = Session(ps, eio)
     assert closed.post("1").status_code == 200
-    after = socket.create_connection((ps.host, ps.port))
-    after.sendall(f"GET {ps_path(closed)}&sid={closed.sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    assert http_answer(after)[0] == 400
-    after.close()
+    assert get_on_a_new_connection(ps, f"{ps_path(closed)}&sid={closed.sid}")[0] == 400
     # a session the server ended gives nothing to a late GET
     ended = Session(ps, eio)
     assert ended.post(raw=b"garbage").status_code == 400
